@@ -1,0 +1,1 @@
+"""libs/specforge_common."""

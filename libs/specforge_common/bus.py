@@ -1,0 +1,502 @@
+"""The control plane: typed records over NATS JetStream.
+
+One connection per process. Producers publish with ``Nats-Msg-Id`` so a retried publish is a
+no-op; consumers pull with explicit acks so a crash means redelivery, never loss. Messages that
+can never be decoded are dead-lettered with the reason and terminated, not retried forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import api
+
+from .contracts import (
+    ContractError,
+    DeadLetter,
+    EndOfSplit,
+    Record,
+    RunSpec,
+    SampleRef,
+    Split,
+    decode,
+    encode,
+)
+from .log import get_logger
+from .subjects import RUNS_BUCKET, STREAM_KINDS, RunSubjects, StreamKind
+
+log = get_logger(component="bus")
+
+R = TypeVar("R", bound=Record)
+
+STREAM_EXISTS_DIFFERENT = 10058  # JetStream err_code: stream name in use with another config
+
+
+class BusError(RuntimeError):
+    pass
+
+
+class RunSpecConflict(BusError):
+    """A different RunSpec is already stored under this run id."""
+
+
+class BusConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """How to reach NATS and how the run's streams behave. All fields have safe defaults."""
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    name: str = "specforge"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_hostname: str | None = None
+    connect_timeout_s: float = 5.0
+    connect_attempts: int = 3  # per server, for the first connection
+    max_reconnect_attempts: int = -1  # after a connection was made; -1: keep trying forever
+    request_timeout_s: float = 10.0
+    storage: Literal["file", "memory"] = "file"
+    replicas: int = 1
+    duplicate_window_s: float = 3600.0
+    ack_wait_s: float = 60.0
+    max_deliver: int = 5
+    max_ack_pending: int = 1000
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not (self.tls_ca_file or self.tls_cert_file):
+            return None
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca_file or None
+        )
+        if self.tls_cert_file:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        return context
+
+
+@dataclass(frozen=True)
+class Published:
+    stream: str
+    seq: int
+    duplicate: bool  # the server already had this Nats-Msg-Id within the duplicate window
+
+
+@dataclass(frozen=True)
+class ConsumerLag:
+    num_pending: int  # in the stream, not yet delivered to this consumer
+    num_ack_pending: int  # delivered, not yet acked
+    num_redelivered: int
+
+    @property
+    def outstanding(self) -> int:
+        return self.num_pending + self.num_ack_pending
+
+
+class Delivery(Generic[R]):
+    """One delivered record and the ways to settle it."""
+
+    __slots__ = ("record", "subject", "stream_seq", "deliveries", "_msg", "_consumer")
+
+    def __init__(self, record: R, msg: Msg, consumer: WorkConsumer[R]) -> None:
+        meta = msg.metadata
+        self.record = record
+        self.subject = msg.subject
+        self.stream_seq: int = meta.sequence.stream
+        self.deliveries: int = meta.num_delivered
+        self._msg = msg
+        self._consumer = consumer
+
+    async def ack(self) -> None:
+        await self._msg.ack()
+
+    async def ack_sync(self) -> None:
+        """Ack and wait for the server to confirm it (before an irreversible next step)."""
+        await self._msg.ack_sync()
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Give it back for redelivery, after ``delay`` seconds if set (transient failure)."""
+        await self._msg.nak(delay=delay)
+
+    async def in_progress(self) -> None:
+        """Reset the ack timer: still working on it."""
+        await self._msg.in_progress()
+
+    async def term(self) -> None:
+        """Never redeliver."""
+        await self._msg.term()
+
+    async def dead_letter(self, reason: str, service: str) -> None:
+        """Record why this can never succeed on the DLQ, then terminate it."""
+        await self._consumer.bus.dead_letter(
+            self._consumer.subjects, self._msg, reason, service=service
+        )
+        await self._msg.term()
+
+
+class WorkConsumer(Generic[R]):
+    """A durable pull consumer shared by any number of workers (each message goes to one)."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        subjects: RunSubjects,
+        kind: StreamKind,
+        durable: str,
+        record_type: Any,
+        sub: Any,
+        service: str,
+    ) -> None:
+        self.bus = bus
+        self.subjects = subjects
+        self.kind = kind
+        self.durable = durable
+        self.record_type = record_type
+        self.service = service
+        self._sub = sub
+
+    async def fetch(self, batch: int = 100, timeout: float = 1.0) -> list[Delivery[R]]:
+        """Up to ``batch`` deliveries; an empty list when nothing arrived within ``timeout``.
+
+        Records that fail to decode are dead-lettered and terminated here, never returned.
+        """
+        try:
+            msgs = await self._sub.fetch(batch=batch, timeout=timeout)
+        except nats.errors.TimeoutError:
+            return []
+        out: list[Delivery[R]] = []
+        for msg in msgs:
+            try:
+                record = decode(msg.data, self.record_type, subject=msg.subject)
+            except ContractError as exc:
+                log.warning(
+                    "undecodable message dead-lettered", subject=msg.subject, error=str(exc)
+                )
+                await self.bus.dead_letter(self.subjects, msg, str(exc), service=self.service)
+                await msg.term()
+                continue
+            out.append(Delivery(record, msg, self))
+        return out
+
+    async def messages(
+        self, batch: int = 100, timeout: float = 1.0, *, stop_when_idle: bool = False
+    ) -> AsyncIterator[Delivery[R]]:
+        """Deliveries forever (or until one fetch comes back empty with ``stop_when_idle``)."""
+        while True:
+            deliveries = await self.fetch(batch, timeout)
+            if not deliveries and stop_when_idle:
+                return
+            for delivery in deliveries:
+                yield delivery
+
+    async def lag(self) -> ConsumerLag:
+        return await self.bus.consumer_lag(self.subjects.run_id, self.kind, self.durable)
+
+    async def close(self) -> None:
+        # Unsubscribing first keeps a later drain from hanging on an expired fetch.
+        try:
+            await self._sub.unsubscribe()
+        except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
+            pass
+
+
+class Bus:
+    """A JetStream connection with typed publish, consume, replay and run-spec storage."""
+
+    def __init__(self, nc: nats.NATS, config: BusConfig) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=config.request_timeout_s)
+        self.config = config
+        self._kv: Any = None
+        self._state = _ConnectionState()
+
+    @classmethod
+    async def connect(cls, config: BusConfig | None = None) -> Bus:
+        config = config or BusConfig()
+        state = _ConnectionState()
+        kwargs: dict[str, Any] = {
+            "servers": list(config.servers),
+            "name": config.name,
+            "connect_timeout": config.connect_timeout_s,
+            "max_reconnect_attempts": max(config.connect_attempts, 1),
+            "reconnect_time_wait": 1,
+            "error_cb": _log_error,
+            "disconnected_cb": functools.partial(_log_disconnect, state),
+            "reconnected_cb": _log_reconnect,
+        }
+        if config.user is not None:
+            kwargs["user"], kwargs["password"] = config.user, config.password
+        if config.token is not None:
+            kwargs["token"] = config.token
+        if config.creds_file is not None:
+            kwargs["user_credentials"] = config.creds_file
+        tls = config.tls_context()
+        if tls is not None:
+            kwargs["tls"] = tls
+            if config.tls_hostname:
+                kwargs["tls_hostname"] = config.tls_hostname
+        try:
+            nc = await nats.connect(**kwargs)
+        except (OSError, nats.errors.Error) as exc:
+            raise BusError(f"cannot connect to NATS at {config.servers}: {exc!r}") from exc
+        # nats-py applies one attempt limit to the first connect and to reconnects; once
+        # connected, a service should ride out a broker restart instead of giving up.
+        nc.options["max_reconnect_attempts"] = config.max_reconnect_attempts
+        bus = cls(nc, config)
+        bus._state = state
+        return bus
+
+    async def close(self) -> None:
+        self._state.closing = True
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- streams ---------------------------------------------------------------------------
+
+    def _stream_config(self, subjects: RunSubjects, kind: StreamKind) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=subjects.stream(kind),
+            subjects=subjects.stream_subjects(kind),
+            retention=(
+                api.RetentionPolicy.WORK_QUEUE if kind == "prompts" else api.RetentionPolicy.LIMITS
+            ),
+            storage=api.StorageType(self.config.storage),
+            num_replicas=self.config.replicas,
+            duplicate_window=self.config.duplicate_window_s,
+            description=f"specforge run {subjects.run_id}: {kind}",
+        )
+
+    async def ensure_streams(self, run_id: str) -> RunSubjects:
+        """Create (or bring up to date) the run's five streams and the run-spec bucket."""
+        subjects = RunSubjects(run_id)
+        for kind in STREAM_KINDS:
+            config = self._stream_config(subjects, kind)
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != STREAM_EXISTS_DIFFERENT:
+                    raise
+                await self.js.update_stream(config)
+        await self._runs_kv()
+        return subjects
+
+    async def delete_run_streams(self, run_id: str) -> None:
+        subjects = RunSubjects(run_id)
+        for kind in STREAM_KINDS:
+            try:
+                await self.js.delete_stream(subjects.stream(kind))
+            except nats.js.errors.NotFoundError:
+                pass
+
+    async def stream_depth(self, run_id: str, kind: StreamKind) -> int:
+        info = await self.js.stream_info(RunSubjects(run_id).stream(kind))
+        return info.state.messages
+
+    # --- publishing ------------------------------------------------------------------------
+
+    async def publish(self, subject: str, record: Record, msg_id: str | None = None) -> Published:
+        """Publish and wait for the PubAck; with ``msg_id`` a repeat in the window is a no-op."""
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        ack = await self.js.publish(subject, encode(record), headers=headers)
+        return Published(ack.stream, ack.seq, bool(ack.duplicate))
+
+    async def publish_many(
+        self, items: Iterable[tuple[str, Record, str | None]]
+    ) -> list[Published]:
+        """Pipelined publish of ``(subject, record, msg_id)`` items; returns once all are acked."""
+        futures = []
+        for subject, record, msg_id in items:
+            headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+            futures.append(await self.js.publish_async(subject, encode(record), headers=headers))
+        acks = await asyncio.gather(*futures)
+        for ack in acks:
+            if not isinstance(ack, api.PubAck):
+                raise BusError(f"publish was not acknowledged: {ack!r}")
+        return [Published(a.stream, a.seq, bool(a.duplicate)) for a in acks]
+
+    async def dead_letter(
+        self, subjects: RunSubjects, msg: Msg, reason: str, *, service: str
+    ) -> Published:
+        try:
+            meta = msg.metadata
+            deliveries, seq = meta.num_delivered, meta.sequence.stream
+        except (nats.errors.NotJSMessageError, AttributeError, IndexError):
+            deliveries, seq = 0, None
+        letter = DeadLetter(
+            subject=msg.subject,
+            reason=reason,
+            payload=bytes(msg.data),
+            service=service,
+            run_id=subjects.run_id,
+            deliveries=deliveries,
+            stream_sequence=seq,
+        )
+        msg_id = f"dlq:{msg.subject}:{seq}" if seq is not None else None
+        return await self.publish(subjects.dlq, letter, msg_id)
+
+    # --- consuming -------------------------------------------------------------------------
+
+    async def work_consumer(
+        self,
+        run_id: str,
+        kind: StreamKind,
+        durable: str,
+        record_type: Any,
+        *,
+        service: str,
+        filter_subject: str | None = None,
+        ack_wait_s: float | None = None,
+        max_deliver: int | None = None,
+    ) -> WorkConsumer[Any]:
+        """Bind to (creating if needed) the durable pull consumer ``durable`` on a run stream."""
+        subjects = RunSubjects(run_id)
+        config = api.ConsumerConfig(
+            durable_name=durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s or self.config.ack_wait_s,
+            max_deliver=max_deliver or self.config.max_deliver,
+            max_ack_pending=self.config.max_ack_pending,
+            filter_subject=filter_subject,
+        )
+        sub = await self.js.pull_subscribe(
+            filter_subject or subjects.stream_subjects(kind)[0],
+            durable=durable,
+            stream=subjects.stream(kind),
+            config=config,
+        )
+        return WorkConsumer(self, subjects, kind, durable, record_type, sub, service)
+
+    async def consumer_lag(self, run_id: str, kind: StreamKind, durable: str) -> ConsumerLag:
+        info = await self.js.consumer_info(RunSubjects(run_id).stream(kind), durable)
+        return ConsumerLag(
+            num_pending=info.num_pending or 0,
+            num_ack_pending=info.num_ack_pending or 0,
+            num_redelivered=info.num_redelivered or 0,
+        )
+
+    async def replay(
+        self,
+        run_id: str,
+        split: Split,
+        start_seq: int = 1,
+        *,
+        follow: bool = False,
+        idle_timeout: float = 5.0,
+    ) -> AsyncIterator[tuple[int, SampleRef | EndOfSplit]]:
+        """``(stream sequence, record)`` of a split's samples log in order, from ``start_seq``.
+
+        Without ``follow`` it stops at the last message present when called; with ``follow`` it
+        keeps waiting for new ones. Nothing is acked or consumed: replay leaves no trace.
+        """
+        subjects = RunSubjects(run_id)
+        stream, subject = subjects.stream("samples"), subjects.samples(split)
+        last = None
+        if not follow:
+            try:
+                last = (await self.js.get_msg(stream, subject=subject)).seq
+            except nats.js.errors.NotFoundError:
+                return
+            if last is None or last < start_seq:
+                return
+        sub = await self.js.subscribe(
+            subject,
+            stream=stream,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            config=api.ConsumerConfig(opt_start_seq=max(start_seq, 1)),
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle_timeout)
+                except nats.errors.TimeoutError:
+                    if follow:
+                        continue
+                    raise BusError(f"replay of {subject} stalled before sequence {last}") from None
+                seq = msg.metadata.sequence.stream
+                yield seq, decode(msg.data, SampleRef | EndOfSplit, subject=msg.subject)
+                if last is not None and seq >= last:
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    # --- run specs -------------------------------------------------------------------------
+
+    async def _runs_kv(self) -> Any:
+        if self._kv is None:
+            try:
+                self._kv = await self.js.key_value(RUNS_BUCKET)
+            except nats.js.errors.BucketNotFoundError:
+                self._kv = await self.js.create_key_value(
+                    bucket=RUNS_BUCKET,
+                    history=8,
+                    storage=api.StorageType(self.config.storage),
+                    replicas=self.config.replicas,
+                    description="specforge run specs: run id -> RunSpec",
+                )
+        return self._kv
+
+    async def put_run_spec(self, spec: RunSpec, *, replace: bool = False) -> RunSpec:
+        """Store the run's spec. An identical spec is fine; a different one needs ``replace``."""
+        kv = await self._runs_kv()
+        data = encode(spec)
+        try:
+            await kv.create(spec.run_id, data)
+            return spec
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
+        existing = await self.get_run_spec(spec.run_id)
+        if existing is not None and existing.spec_hash() == spec.spec_hash():
+            return existing
+        if not replace:
+            raise RunSpecConflict(
+                f"run {spec.run_id!r} already has a different spec (hash "
+                f"{existing.spec_hash() if existing else '?'} vs {spec.spec_hash()}); "
+                "choose a new run id or replace it explicitly"
+            )
+        await kv.put(spec.run_id, data)
+        return spec
+
+    async def get_run_spec(self, run_id: str) -> RunSpec | None:
+        kv = await self._runs_kv()
+        try:
+            entry = await kv.get(run_id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return decode(entry.value, RunSpec, subject=f"$KV.{RUNS_BUCKET}.{run_id}")
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("nats error", error=repr(exc))
+
+
+@dataclass
+class _ConnectionState:
+    closing: bool = False
+
+
+async def _log_disconnect(state: _ConnectionState) -> None:
+    if not state.closing:
+        log.warning("nats disconnected")
+
+
+async def _log_reconnect() -> None:
+    log.info("nats reconnected")

@@ -1,0 +1,337 @@
+"""Records that travel on the bus: small, versioned, msgpack-encoded, never tensors.
+
+Every record carries ``schema_version`` (the major version of its layout). Adding an optional
+field keeps the major version: old readers ignore unknown fields. Anything else bumps it, and
+readers refuse the other major with a :class:`ContractError` naming the subject and field, so
+the message can be dead-lettered instead of crashing a service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+Split = Literal["train", "eval"]
+SPLITS: tuple[Split, ...] = ("train", "eval")
+
+# Run ids become part of subjects, stream names, KV keys and store paths.
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class ContractError(ValueError):
+    """A record could not be encoded or decoded; says which subject, which field and why."""
+
+    def __init__(self, reason: str, *, subject: str | None = None, field: str | None = None):
+        self.reason = reason
+        self.subject = subject
+        self.field = field
+        where = []
+        if subject:
+            where.append(f"subject {subject!r}")
+        if field:
+            where.append(f"field {field!r}")
+        super().__init__(f"{reason}" + (f" ({', '.join(where)})" if where else ""))
+
+
+class TensorOnBusError(ContractError):
+    """A tensor or array was about to be encoded into a bus record."""
+
+
+def validate_run_id(run_id: str) -> str:
+    if not RUN_ID_PATTERN.match(run_id):
+        raise ContractError(
+            f"run id {run_id!r} must be 1-64 characters of letters, digits, '-' or '_', "
+            "starting with a letter or digit",
+            field="run_id",
+        )
+    return run_id
+
+
+class Record(msgspec.Struct, kw_only=True, tag_field="kind", tag=lambda name: name):
+    """Base of every bus record: tagged with its class name and versioned."""
+
+    schema_version: int = SCHEMA_VERSION
+
+
+# --- run configuration ---------------------------------------------------------------------
+
+
+class TargetSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """The frozen target: where its weights are and which tokenizer it uses."""
+
+    path: str
+    revision: str = ""
+    tokenizer: str = ""  # empty: the tokenizer stored beside the weights
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DraftSpec(msgspec.Struct, kw_only=True, frozen=True):
+    architecture: str = "llama_eagle3"
+    strategy: str = "eagle3"
+    draft_vocab_size: int = 32000
+    aux_layer_ids: tuple[int, ...] | None = None  # None: the spec's default rule
+    config: dict[str, Any] = {}  # overrides of the auto-generated draft config
+
+
+class TrainSpec(msgspec.Struct, kw_only=True, frozen=True):
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    accumulation_steps: int = 1
+    ttt_length: int = 7
+    max_grad_norm: float = 0.5
+    warmup_ratio: float = 0.015
+    epochs: int = 1
+    total_steps: int | None = None
+    checkpoint_every: int = 100
+    keep_last: int = 3
+
+
+class CaptureSpec(msgspec.Struct, kw_only=True, frozen=True):
+    mode: Literal["prefill", "decode"] = "prefill"
+    temperature: float = 0.0
+    max_new_tokens: int = 512
+    batch_size: int = 4
+
+
+class RunSpec(Record, kw_only=True, frozen=True):
+    """Everything that determines a run. Stored in the KV bucket; its hash stamps every record."""
+
+    run_id: str
+    target: TargetSpec
+    draft: DraftSpec = DraftSpec()
+    train: TrainSpec = TrainSpec()
+    capture: CaptureSpec = CaptureSpec()
+    max_length: int = 2048
+    chat_template: str = ""  # empty: the tokenizer's own template
+    store_uri: str = "file://./runs/features"
+    seed: int = 0
+    eval_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        validate_run_id(self.run_id)
+        if self.max_length <= 0:
+            raise ValueError("max_length must be positive")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError("eval_fraction must be in [0, 1)")
+
+    def spec_hash(self) -> str:
+        """Stable short hash of the whole spec; records produced under it carry it."""
+        canonical = msgspec.json.encode(self, order="sorted")
+        return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+# --- work items and samples ----------------------------------------------------------------
+
+
+class Message(msgspec.Struct, frozen=True):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class PromptTask(Record, kw_only=True, frozen=True):
+    """One prompt to capture. Either a conversation or pre-tokenized ids with a loss mask."""
+
+    run_id: str
+    prompt_id: str
+    split: Split
+    messages: list[Message] | None = None
+    input_ids: list[int] | None = None
+    loss_mask: list[int] | None = None
+    loss_mask_policy: Literal["assistant", "last_turn", "all", "given"] = "assistant"
+    attempt: int = 0
+    run_spec_hash: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.input_ids is None):
+            raise ValueError("exactly one of messages or input_ids must be set")
+        if self.input_ids is not None and self.loss_mask is not None:
+            if len(self.loss_mask) != len(self.input_ids):
+                raise ValueError("loss_mask must have the same length as input_ids")
+
+
+class TensorSpec(msgspec.Struct, frozen=True):
+    """Name, dtype (torch name without the ``torch.`` prefix) and shape of one stored tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class FeatureLocation(msgspec.Struct, kw_only=True, frozen=True):
+    """Where a sample's tensors live in a FeatureStore, and how to check them on the way back."""
+
+    uri: str
+    tensors: tuple[TensorSpec, ...]
+    nbytes: int
+    checksum: str  # "<algorithm>:<hex digest>"
+
+
+class SampleRef(Record, kw_only=True, frozen=True):
+    """A captured sample: metadata only, the tensors are at ``features``."""
+
+    sample_id: str
+    run_id: str
+    prompt_id: str
+    split: Split
+    producer: str
+    features: FeatureLocation
+    num_tokens: int
+    run_spec_hash: str
+    created_at: float = msgspec.field(default_factory=time.time)
+
+
+class EndOfSplit(Record, kw_only=True, frozen=True):
+    """Marker on the samples subject: the producer saw the prompt queue drained for a split."""
+
+    run_id: str
+    split: Split
+    producer: str
+    samples_published: int
+    run_spec_hash: str
+    created_at: float = msgspec.field(default_factory=time.time)
+
+
+# --- training and evaluation ---------------------------------------------------------------
+
+
+class CheckpointEvent(Record, kw_only=True, frozen=True):
+    run_id: str
+    step: int
+    samples_consumed: int
+    last_sequence: dict[int, int]  # rank -> last samples-stream sequence consumed
+    checkpoint_uri: str
+    checkpoint_sha256: str
+    metrics: dict[str, float] = {}
+    run_spec_hash: str
+    created_at: float = msgspec.field(default_factory=time.time)
+
+
+class EvalResult(Record, kw_only=True, frozen=True):
+    """Acceptance of one checkpoint. Both acceptance-length conventions are named explicitly."""
+
+    run_id: str
+    step: int
+    checkpoint_sha256: str
+    acceptance_rates: list[float]  # per draft position
+    simulated_acceptance_length: float | None = None  # sum_k prod_{i<=k} acc_i, no bonus token
+    serving_acceptance_length: float | None = None  # tokens per verification, bonus included
+    lossless: bool | None = None
+    metrics: dict[str, float] = {}
+    wall_seconds: dict[str, float] = {}
+    run_spec_hash: str
+    created_at: float = msgspec.field(default_factory=time.time)
+
+
+class DeadLetter(Record, kw_only=True, frozen=True):
+    """A message that can never succeed, with the reason, kept for a human."""
+
+    subject: str
+    reason: str
+    payload: bytes
+    service: str
+    run_id: str | None = None
+    deliveries: int = 0
+    stream_sequence: int | None = None
+    created_at: float = msgspec.field(default_factory=time.time)
+
+
+BusRecord = (
+    RunSpec | PromptTask | SampleRef | EndOfSplit | CheckpointEvent | EvalResult | DeadLetter
+)
+R = TypeVar("R", bound=Record)
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+
+def _refuse_unencodable(obj: Any) -> Any:
+    kind = type(obj)
+    module = getattr(kind, "__module__", "") or ""
+    if (
+        module.startswith(("torch", "numpy"))
+        or hasattr(obj, "__array__")
+        or hasattr(obj, "__dlpack__")
+    ):
+        raise TensorOnBusError(
+            f"a {module}.{kind.__name__} was put in a bus record; tensors travel through a "
+            "FeatureStore and only their FeatureLocation goes on the bus"
+        )
+    raise ContractError(f"cannot encode a {kind.__name__} in a bus record")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_refuse_unencodable)
+_decoders: dict[Any, msgspec.msgpack.Decoder] = {}
+
+
+class _Header(msgspec.Struct):
+    schema_version: int = -1
+    kind: str = ""
+
+
+_header_decoder = msgspec.msgpack.Decoder(_Header)
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]*)`")
+
+
+def encode(record: Record) -> bytes:
+    """msgpack bytes of a record; raises :class:`TensorOnBusError` for tensors anywhere in it."""
+    try:
+        return _encoder.encode(record)
+    except ContractError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ContractError(f"cannot encode {type(record).__name__}: {exc}") from exc
+
+
+def decode(data: bytes, record_type: Any, *, subject: str | None = None) -> Any:
+    """Decode and strictly validate ``data`` as ``record_type`` (a Record class or a union).
+
+    Every failure (garbage, wrong kind, wrong major version, missing or mistyped field) raises
+    :class:`ContractError` with the subject, the offending field and the reason.
+    """
+    decoder = _decoders.get(record_type)
+    if decoder is None:
+        decoder = _decoders[record_type] = msgspec.msgpack.Decoder(record_type)
+    try:
+        record = decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        _raise_version_error(data, subject)
+        raise ContractError(
+            str(exc).split(" - at `")[0], subject=subject, field=_field_of(exc)
+        ) from exc
+    if record.schema_version != SCHEMA_VERSION:
+        _raise_version_error(data, subject)
+    return record
+
+
+def _field_of(exc: msgspec.DecodeError) -> str | None:
+    """Dotted path of the offending field, from msgspec's message."""
+    if not isinstance(exc, msgspec.ValidationError):
+        return None
+    text = str(exc)
+    match = _PATH.search(text)
+    parts = [match.group(1)] if match and match.group(1) else []
+    missing = _MISSING.search(text)
+    if missing:
+        parts.append(missing.group(1))
+    return ".".join(parts) or None
+
+
+def _raise_version_error(data: bytes, subject: str | None) -> None:
+    try:
+        header = _header_decoder.decode(data)
+    except msgspec.DecodeError:
+        return
+    if header.schema_version not in (-1, SCHEMA_VERSION):
+        raise ContractError(
+            f"{header.kind or 'record'} has schema_version {header.schema_version}; "
+            f"this build reads version {SCHEMA_VERSION}",
+            subject=subject,
+            field="schema_version",
+        )

@@ -1,0 +1,236 @@
+"""``file://DIR``: one safetensors file per sample in a directory several nodes may mount.
+
+Locations are relative to the root (``file:ab/<sample_id>.safetensors``) because a capture node
+and a trainer node can mount the same shared directory at different paths.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import xxhash
+
+from specforge_common.contracts import FeatureLocation
+from specforge_common.featurestore import codec
+from specforge_common.featurestore.errors import (
+    FeatureCorruptError,
+    FeatureMissingError,
+    FeatureOutsideRootError,
+    FeatureStoreError,
+)
+
+PREFIX = "file://"
+SUFFIX = ".safetensors"
+# Hash each piece right after it is read or written, while its bytes are still in cache.
+CHUNK = 2 << 20
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or mkdir durable: a prompt is acked only once its sample survives a crash."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # platforms that cannot open a directory cannot fsync one either
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+class FileFeatureStore:
+    """Feature store over a local or shared directory; see the module docstring."""
+
+    def __init__(self, uri: str, root: Path) -> None:
+        self.uri = uri
+        self.root = root
+        self._closed = False
+
+    @classmethod
+    def from_uri(cls, uri: str) -> FileFeatureStore:
+        """``file:///abs/dir`` or ``file://./rel/dir`` (relative to the cwd); creates the dir."""
+        if not uri.startswith(PREFIX) or not uri[len(PREFIX) :]:
+            raise ValueError(
+                f"file store URI {uri!r} must be file:///absolute/dir or file://./relative/dir"
+            )
+        path = Path(uri[len(PREFIX) :])
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FeatureStoreError(f"cannot create feature store directory {path}: {exc}") from exc
+        return cls(uri, path.resolve())
+
+    def __enter__(self) -> FileFeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FeatureStoreError(f"feature store {self.uri} is closed")
+
+    def _relative(self, sample_id: str) -> str:
+        # 256 fan-out directories keep millions of samples out of one directory listing.
+        return f"{xxhash.xxh3_64_hexdigest(sample_id.encode())[:2]}/{sample_id}{SUFFIX}"
+
+    def _resolve(self, location: FeatureLocation) -> Path:
+        scheme, sep, rel = location.uri.partition(":")
+        if not sep or scheme != "file":
+            raise FeatureStoreError(
+                f"location {location.uri!r} is not a file: location; "
+                f"store {self.uri} cannot read it"
+            )
+        if not rel or "\x00" in rel or rel.startswith(("/", "\\")) or Path(rel).is_absolute():
+            raise FeatureOutsideRootError(
+                f"location {location.uri!r} must be a path relative to the store root"
+            )
+        path = (self.root / rel).resolve()
+        if path == self.root or not path.is_relative_to(self.root):
+            raise FeatureOutsideRootError(
+                f"location {location.uri!r} resolves to {path}, outside the store root {self.root}"
+            )
+        return path
+
+    def _ensure_dir(self, path: Path) -> None:
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise FeatureStoreError(f"cannot create {path}: {exc}") from exc
+        _fsync_dir(self.root)
+
+    def put(self, sample_id: str, tensors: Mapping[str, torch.Tensor]) -> FeatureLocation:
+        """Store a sample once: the first whole copy of an id wins and later puts return it.
+
+        A redelivered capture may recompute slightly different bytes (GPU non-determinism) after
+        the first attempt already published its SampleRef; keeping the first copy keeps that
+        SampleRef valid. Writes are atomic (temp file + link), so no reader or concurrent writer
+        ever sees a torn file. Raises ValueError for an invalid sample id.
+        """
+        self._check_open()
+        codec.validate_sample_id(sample_id)
+        rel = self._relative(sample_id)
+        final = self.root / rel
+        existing = self._stored_location(rel, final)
+        if existing is not None:
+            return existing
+        buf, specs = codec.encode(tensors)
+        self._ensure_dir(final.parent)
+        # Starts with '.' and ends with '.tmp': never matches '<id>.safetensors'.
+        tmp = final.parent / f".{sample_id}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        hasher = codec.new_hasher()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0))
+            try:
+                with memoryview(buf) as view:
+                    done = 0
+                    while done < len(view):
+                        chunk = view[done : done + CHUNK]
+                        hasher.update(chunk)
+                        while chunk:
+                            chunk = chunk[os.write(fd, chunk) :]
+                        done += CHUNK
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            winner = self._publish_file(tmp, final, rel)
+        except OSError as exc:
+            raise FeatureStoreError(f"cannot write sample {sample_id!r} to {final}: {exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        if winner is not None:
+            return winner
+        _fsync_dir(final.parent)
+        return FeatureLocation(
+            uri=f"file:{rel}",
+            tensors=specs,
+            nbytes=len(buf),
+            checksum=codec.checksum_string(hasher),
+        )
+
+    def _publish_file(self, tmp: Path, final: Path, rel: str) -> FeatureLocation | None:
+        """Move ``tmp`` to ``final`` unless a whole copy got there first (then return that)."""
+        try:
+            os.link(tmp, final)  # atomic create-if-absent
+            return None
+        except FileExistsError:
+            winner = self._stored_location(rel, final)
+            if winner is not None:
+                return winner
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise  # below: filesystems without hard links get last-writer-wins
+        os.replace(tmp, final)  # replaces a corrupt copy
+        return None
+
+    def _stored_location(self, rel: str, final: Path) -> FeatureLocation | None:
+        """Location of a whole stored copy of the sample, or None if absent or damaged."""
+        try:
+            data = bytearray(final.read_bytes())  # writable: decode makes tensor views of it
+        except FileNotFoundError:
+            return None
+        try:
+            return codec.describe(data, f"file:{rel}")
+        except FeatureCorruptError:
+            return None
+
+    def get(self, location: FeatureLocation) -> dict[str, torch.Tensor]:
+        """Read the file once into a fresh buffer, verify size and checksum, return views of it."""
+        self._check_open()
+        path = self._resolve(location)
+        codec.check_algorithm(location)
+        try:
+            file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
+        except FileNotFoundError:
+            raise FeatureMissingError(
+                f"no sample at {location.uri} in store {self.uri} ({path})"
+            ) from None
+        except OSError as exc:
+            raise FeatureStoreError(f"cannot open {path}: {exc}") from exc
+        hasher = codec.new_hasher()
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            if size != location.nbytes:
+                raise FeatureCorruptError(
+                    f"{location.uri}: {size} bytes on disk but the location says "
+                    f"{location.nbytes} (truncated or overwritten)"
+                )
+            buf = codec.alloc_buffer(size)
+            with memoryview(buf) as view:
+                done = 0
+                while done < size:
+                    got = file.readinto(view[done : done + CHUNK])
+                    if not got:
+                        raise FeatureCorruptError(
+                            f"{location.uri}: file ended after {done} of {size} bytes"
+                        )
+                    hasher.update(view[done : done + got])
+                    done += got
+        codec.verify_checksum(codec.checksum_string(hasher), location)
+        return codec.decode(buf, location)
+
+    def delete(self, location: FeatureLocation) -> None:
+        """Idempotent: deleting a missing sample is not an error (consumers may retry)."""
+        self._check_open()
+        path = self._resolve(location)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise FeatureStoreError(f"cannot delete {path}: {exc}") from exc
+
+    def exists(self, location: FeatureLocation) -> bool:
+        self._check_open()
+        return self._resolve(location).is_file()
+
+    def close(self) -> None:
+        """Nothing to release (files are closed after each call); later calls are refused."""
+        self._closed = True

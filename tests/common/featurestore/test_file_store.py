@@ -1,0 +1,395 @@
+"""file:// store on real files: round trips, integrity checks, root confinement, atomic writes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+import safetensors
+import torch
+import xxhash
+
+from specforge_common.contracts import FeatureLocation, TensorSpec
+from specforge_common.featurestore import (
+    FeatureCorruptError,
+    FeatureMissingError,
+    FeatureOutsideRootError,
+    FeatureStore,
+    FeatureStoreError,
+    FileFeatureStore,
+    open_store,
+)
+from specforge_common.featurestore.codec import checksum, encode
+
+DTYPES = [
+    torch.bfloat16,
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
+
+
+def _tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(hash((str(dtype), shape)) % 2**31)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=gen) > 0.5
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=gen) * 100).to(dtype)
+    return torch.randint(-100 if dtype != torch.uint8 else 0, 100, shape, generator=gen).to(dtype)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileFeatureStore:
+    opened = open_store(f"file://{tmp_path / 'features'}")
+    assert isinstance(opened, FileFeatureStore)
+    return opened
+
+
+def _path(store: FileFeatureStore, location: FeatureLocation) -> Path:
+    return store.root / location.uri.removeprefix("file:")
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_round_trip_each_dtype(store: FileFeatureStore, dtype: torch.dtype) -> None:
+    tensors = {
+        "matrix": _tensor(dtype, (3, 17)),
+        "scalar": _tensor(dtype, ()),
+        "empty": _tensor(dtype, (0, 4)),
+    }
+    location = store.put("sample-1", tensors)
+    out = store.get(location)
+    assert list(out) == list(tensors)
+    for name, tensor in tensors.items():
+        assert out[name].dtype == dtype
+        assert out[name].shape == tensor.shape
+        assert torch.equal(out[name], tensor)
+    assert [(s.name, s.dtype, s.shape) for s in location.tensors] == [
+        (n, str(dtype).removeprefix("torch."), tuple(t.shape)) for n, t in tensors.items()
+    ]
+
+
+def test_large_mixed_sample_and_non_contiguous_input(store: FileFeatureStore) -> None:
+    hidden = torch.randn(1, 512, 2048).to(torch.bfloat16)  # 2 MiB: the huge-page buffer path
+    transposed = torch.randn(64, 32).t()
+    tensors = {"hidden_states": hidden, "t": transposed, "ids": torch.arange(512)}
+    out = store.get(store.put("big", tensors))
+    for name, tensor in tensors.items():
+        assert torch.equal(out[name], tensor)
+
+
+def test_location_is_relative_and_describes_the_file(store: FileFeatureStore) -> None:
+    location = store.put("s.1", {"x": torch.ones(2, 2)})
+    assert location.uri.startswith("file:")
+    rel = location.uri.removeprefix("file:")
+    assert not rel.startswith("/") and ".." not in rel
+    assert str(store.root) not in location.uri
+    fan, name = rel.split("/")
+    assert len(fan) == 2 and name == "s.1.safetensors"
+    data = _path(store, location).read_bytes()
+    assert location.nbytes == len(data)
+    assert location.checksum == "xxh3_128:" + xxhash.xxh3_128_hexdigest(data)
+
+
+def test_file_reads_with_safetensors_library(store: FileFeatureStore) -> None:
+    tensors = {"h": _tensor(torch.bfloat16, (4, 8)), "m": _tensor(torch.bool, (4,))}
+    location = store.put("lib", tensors)
+    with safetensors.safe_open(str(_path(store, location)), framework="pt") as f:
+        assert set(f.keys()) == set(tensors)
+        for name, tensor in tensors.items():
+            assert torch.equal(f.get_tensor(name), tensor)
+
+
+def test_same_bytes_as_an_independent_encode(store: FileFeatureStore) -> None:
+    tensors = {"a": torch.arange(6).reshape(2, 3)}
+    location = store.put("enc", tensors)
+    buf, _ = encode(tensors)
+    assert _path(store, location).read_bytes() == bytes(buf)
+
+
+def test_caller_owns_the_returned_tensors(store: FileFeatureStore) -> None:
+    source = torch.zeros(3)
+    location = store.put("own", {"x": source})
+    source += 1  # mutating after put changes nothing stored
+    first = store.get(location)
+    first["x"] += 5  # mutating a result changes neither the file nor the next get
+    assert torch.equal(store.get(location)["x"], torch.zeros(3))
+
+
+def test_flipped_data_byte_is_corrupt(store: FileFeatureStore) -> None:
+    location = store.put("flip", {"x": torch.randn(64, 64)})
+    path = _path(store, location)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01
+    path.write_bytes(data)
+    with pytest.raises(FeatureCorruptError, match="checksum"):
+        store.get(location)
+
+
+def test_truncated_file_is_corrupt(store: FileFeatureStore) -> None:
+    location = store.put("trunc", {"x": torch.randn(64, 64)})
+    path = _path(store, location)
+    os.truncate(path, location.nbytes - 1)
+    with pytest.raises(FeatureCorruptError, match="truncated"):
+        store.get(location)
+
+
+def test_tampered_header_is_corrupt(store: FileFeatureStore) -> None:
+    location = store.put("head", {"x": torch.randn(4, 4)})
+    path = _path(store, location)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"F32"', b'"I32"', 1))
+    with pytest.raises(FeatureCorruptError):
+        store.get(location)
+
+
+def test_header_rewritten_with_a_matching_checksum_still_refused(
+    store: FileFeatureStore,
+) -> None:
+    """A writer that rewrote the header and the checksum cannot change what the location says."""
+    location = store.put("rewrite", {"x": torch.randn(4, 4)})
+    path = _path(store, location)
+    data = path.read_bytes().replace(b"[4,4]", b"[2,8]", 1)
+    path.write_bytes(data)
+    forged = FeatureLocation(
+        uri=location.uri,
+        tensors=location.tensors,
+        nbytes=len(data),
+        checksum="xxh3_128:" + xxhash.xxh3_128_hexdigest(data),
+    )
+    with pytest.raises(FeatureCorruptError, match="location says"):
+        store.get(forged)
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        (TensorSpec("x", "float16", (4, 4)),),
+        (TensorSpec("x", "float32", (16,)),),
+        (TensorSpec("y", "float32", (4, 4)),),
+        (TensorSpec("x", "float32", (4, 4)), TensorSpec("z", "int64", (1,))),
+    ],
+    ids=["dtype", "shape", "name", "extra"],
+)
+def test_specs_that_disagree_with_the_file_are_corrupt(
+    store: FileFeatureStore, specs: tuple[TensorSpec, ...]
+) -> None:
+    location = store.put("specs", {"x": torch.randn(4, 4)})
+    wrong = FeatureLocation(
+        uri=location.uri, tensors=specs, nbytes=location.nbytes, checksum=location.checksum
+    )
+    with pytest.raises(FeatureCorruptError):
+        store.get(wrong)
+
+
+def _foreign(uri: str) -> FeatureLocation:
+    return FeatureLocation(uri=uri, tensors=(), nbytes=1, checksum="xxh3_128:00")
+
+
+@pytest.mark.parametrize("uri", ["file:../../etc/passwd", "file:/etc/passwd", "file:///etc/passwd"])
+def test_reads_outside_the_root_are_refused(store: FileFeatureStore, uri: str) -> None:
+    with pytest.raises(FeatureOutsideRootError):
+        store.get(_foreign(uri))
+    with pytest.raises(FeatureOutsideRootError):
+        store.exists(_foreign(uri))
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "file:../outside.safetensors",
+        "file:ab/../../outside.safetensors",
+        "file:{victim}",
+        "file://{victim}",
+        "file:",
+        "file:.",
+    ],
+)
+def test_locations_outside_the_root_touch_nothing(store: FileFeatureStore, uri: str) -> None:
+    victim = store.root.parent / "outside.safetensors"
+    victim.write_bytes(b"keep me")
+    location = _foreign(uri.format(victim=victim))
+    for call in (store.get, store.exists, store.delete):
+        with pytest.raises(FeatureOutsideRootError):
+            call(location)
+    assert victim.read_bytes() == b"keep me"
+
+
+def test_symlink_out_of_the_root_is_refused(store: FileFeatureStore, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "s.safetensors").write_bytes(b"secret")
+    (store.root / "zz").symlink_to(outside)
+    with pytest.raises(FeatureOutsideRootError):
+        store.get(_foreign("file:zz/s.safetensors"))
+    with pytest.raises(FeatureOutsideRootError):
+        store.delete(_foreign("file:zz/s.safetensors"))
+    assert (outside / "s.safetensors").exists()
+
+
+def test_other_scheme_is_refused(store: FileFeatureStore) -> None:
+    with pytest.raises(FeatureStoreError, match="not a file: location") as info:
+        store.get(_foreign("mem:default/s"))
+    assert type(info.value) is FeatureStoreError
+
+
+def test_invalid_sample_ids_are_refused(store: FileFeatureStore) -> None:
+    for bad in ["../escape", "a/b", "", "a..b", "x" * 201]:
+        with pytest.raises(ValueError):
+            store.put(bad, {"x": torch.zeros(1)})
+    assert _files(store.root) == []
+
+
+def test_missing_delete_exists(store: FileFeatureStore) -> None:
+    location = store.put("gone", {"x": torch.zeros(1)})
+    assert store.exists(location)
+    never = FeatureLocation(
+        uri="file:00/never.safetensors",
+        tensors=location.tensors,
+        nbytes=location.nbytes,
+        checksum=location.checksum,
+    )
+    assert not store.exists(never)
+    with pytest.raises(FeatureMissingError):
+        store.get(never)
+    store.delete(location)
+    store.delete(location)  # idempotent
+    store.delete(never)
+    assert not store.exists(location)
+    with pytest.raises(FeatureMissingError):
+        store.get(location)
+
+
+def test_first_copy_wins_so_a_published_location_stays_valid(store: FileFeatureStore) -> None:
+    first = store.put("again", {"x": torch.zeros(8)})
+    # A redelivered capture recomputes the sample with slightly different bytes.
+    second = store.put("again", {"x": torch.ones(8)})
+    assert second == first
+    assert torch.equal(store.get(first)["x"], torch.zeros(8))
+    assert len(_files(store.root)) == 1
+
+
+def test_a_damaged_copy_is_replaced_by_the_next_put(store: FileFeatureStore) -> None:
+    first = store.put("damaged", {"x": torch.zeros(8)})
+    path = store.root / first.uri.removeprefix("file:")
+    path.write_bytes(path.read_bytes()[:-5])  # truncated by a crash
+    second = store.put("damaged", {"x": torch.ones(8)})
+    assert torch.equal(store.get(second)["x"], torch.ones(8))
+    with pytest.raises(FeatureCorruptError, match="overwritten"):
+        store.get(first)
+
+
+def test_delete_then_put_stores_the_new_value(store: FileFeatureStore) -> None:
+    first = store.put("recaptured", {"x": torch.zeros(4)})
+    store.delete(first)
+    second = store.put("recaptured", {"x": torch.full((4,), 2.0)})
+    assert torch.equal(store.get(second)["x"], torch.full((4,), 2.0))
+
+
+def test_no_temp_files_left(store: FileFeatureStore) -> None:
+    for i in range(5):
+        store.put(f"s{i}", {"x": torch.full((10,), i)})
+    files = _files(store.root)
+    assert len(files) == 5
+    assert all(f.name.endswith(".safetensors") and not f.name.startswith(".") for f in files)
+
+
+def test_other_paths_to_the_same_directory_read_the_same_locations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tmp_path / "shared" / "features"
+    writer = open_store(f"file://{real}")
+    location = writer.put("portable", {"h": torch.arange(12).reshape(3, 4)})
+
+    (tmp_path / "mnt").symlink_to(tmp_path / "shared")
+    via_link = open_store(f"file://{tmp_path / 'mnt' / 'features'}")
+    monkeypatch.chdir(tmp_path)
+    via_relative = open_store("file://./shared/features")
+    for reader in (via_link, via_relative):
+        assert torch.equal(reader.get(location)["h"], torch.arange(12).reshape(3, 4))
+
+
+def test_open_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    opened = open_store("file://./a/b")
+    assert isinstance(opened, FeatureStore)
+    assert opened.uri == "file://./a/b"
+    assert (tmp_path / "a" / "b").is_dir()
+    with pytest.raises(ValueError, match="file://"):
+        open_store("file://")
+    with pytest.raises(ValueError, match=r"known schemes: file://, mem://"):
+        open_store("mooncake://master:50051")
+    with pytest.raises(ValueError):
+        open_store("/no/scheme")
+
+
+def test_closed_store_refuses(store: FileFeatureStore) -> None:
+    location = store.put("c", {"x": torch.zeros(1)})
+    store.close()
+    with pytest.raises(FeatureStoreError, match="closed"):
+        store.get(location)
+    with pytest.raises(FeatureStoreError, match="closed"):
+        store.put("d", {"x": torch.zeros(1)})
+
+
+# --- concurrent writers of one sample id --------------------------------------------------
+
+WRITERS = 4
+ROUNDS = 100
+
+
+def _value(writer: int) -> dict[str, torch.Tensor]:
+    return {"x": torch.full((16, 1024), float(writer))}  # 64 KiB, below torch's parallel grain
+
+
+def _write_many(uri: str, writer: int, report: str) -> None:
+    torch.set_num_threads(1)  # a forked child must not rely on the parent's thread pool
+    store = open_store(uri)
+    checksums = {store.put("contended", _value(writer)).checksum for _ in range(ROUNDS)}
+    Path(report).write_text("\n".join(sorted(checksums)))
+
+
+def test_concurrent_writers_leave_one_whole_file_and_agree_on_it(tmp_path: Path) -> None:
+    uri = f"file://{tmp_path / 'features'}"
+    store = open_store(uri)
+    assert isinstance(store, FileFeatureStore)
+    by_checksum = {checksum(encode(_value(w))[0]): w for w in range(1, WRITERS + 1)}
+
+    # fork starts in milliseconds; spawn (re-importing torch per process) where fork is missing.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    reports = [tmp_path / f"writer-{w}.txt" for w in range(1, WRITERS + 1)]
+    procs = [
+        ctx.Process(target=_write_many, args=(uri, w, str(reports[w - 1])))
+        for w in range(1, WRITERS + 1)
+    ]
+    for proc in procs:
+        proc.start()
+    while any(proc.is_alive() for proc in procs):  # a reader never sees a torn file meanwhile
+        for path in store.root.rglob("*.safetensors"):
+            digest = "xxh3_128:" + xxhash.xxh3_128_hexdigest(path.read_bytes())
+            assert digest in by_checksum, "a reader saw a torn or mixed file"
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+
+    (path,) = _files(store.root)
+    assert path.name == "contended.safetensors"
+    stored = "xxh3_128:" + xxhash.xxh3_128_hexdigest(path.read_bytes())
+    winner = by_checksum[stored]
+    # Every put of every writer returned the location of the one stored copy.
+    assert {r.read_text() for r in reports} == {stored}
+    location = store.put("contended", _value(0))
+    assert location.checksum == stored
+    assert torch.equal(store.get(location)["x"], _value(winner)["x"])

@@ -1,0 +1,282 @@
+"""The bus against a real nats-server: dedup, redelivery, work sharing, replay, KV, DLQ."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from specforge_common.bus import Bus, BusConfig, BusError, RunSpecConflict
+from specforge_common.contracts import (
+    DeadLetter,
+    EndOfSplit,
+    FeatureLocation,
+    PromptTask,
+    RunSpec,
+    SampleRef,
+    TargetSpec,
+    TensorSpec,
+    decode,
+)
+from specforge_common.subjects import STREAM_KINDS, RunSubjects
+
+
+def prompt(run_id: str, i: int) -> PromptTask:
+    return PromptTask(run_id=run_id, prompt_id=f"p{i}", split="train", input_ids=[i, i + 1])
+
+
+def sample(run_id: str, i: int, split: str = "train") -> SampleRef:
+    return SampleRef(
+        sample_id=f"s{i}",
+        run_id=run_id,
+        prompt_id=f"p{i}",
+        split=split,
+        producer="test",
+        features=FeatureLocation(
+            uri=f"mem:test/s{i}",
+            tensors=(TensorSpec("hidden_states", "bfloat16", (1, 4, 8)),),
+            nbytes=64,
+            checksum="xxh3_128:0",
+        ),
+        num_tokens=4,
+        run_spec_hash="h",
+    )
+
+
+async def test_ensure_streams_is_idempotent_and_sets_retention(bus: Bus, run_id: str) -> None:
+    subjects = await bus.ensure_streams(run_id)
+    await bus.ensure_streams(run_id)
+    for kind in STREAM_KINDS:
+        info = await bus.js.stream_info(subjects.stream(kind))
+        assert info.config.subjects == subjects.stream_subjects(kind)
+        assert info.config.duplicate_window == pytest.approx(bus.config.duplicate_window_s)
+    prompts = await bus.js.stream_info(subjects.stream("prompts"))
+    samples = await bus.js.stream_info(subjects.stream("samples"))
+    assert prompts.config.retention == "workqueue"
+    assert samples.config.retention == "limits"
+
+
+async def test_ensure_streams_updates_a_changed_duplicate_window(
+    bus_config: BusConfig, run_id: str
+) -> None:
+    async with await Bus.connect(bus_config) as first:
+        await first.ensure_streams(run_id)
+    changed = BusConfig(servers=bus_config.servers, duplicate_window_s=120.0)
+    async with await Bus.connect(changed) as second:
+        subjects = await second.ensure_streams(run_id)
+        info = await second.js.stream_info(subjects.stream("samples"))
+        assert info.config.duplicate_window == pytest.approx(120.0)
+
+
+async def test_republished_msg_id_is_deduplicated(bus: Bus, run_id: str) -> None:
+    subjects = await bus.ensure_streams(run_id)
+    first = await bus.publish(subjects.samples("train"), sample(run_id, 1), msg_id="s1")
+    again = await bus.publish(subjects.samples("train"), sample(run_id, 1), msg_id="s1")
+    other = await bus.publish(subjects.samples("train"), sample(run_id, 2), msg_id="s2")
+    assert (first.duplicate, again.duplicate, other.duplicate) == (False, True, False)
+    assert again.seq == first.seq and other.seq == first.seq + 1
+    assert await bus.stream_depth(run_id, "samples") == 2
+
+    batch = await bus.publish_many(
+        [(subjects.samples("train"), sample(run_id, i), f"s{i}") for i in range(1, 5)]
+    )
+    assert [p.duplicate for p in batch] == [True, True, False, False]
+    assert await bus.stream_depth(run_id, "samples") == 4
+
+
+async def test_nak_redelivers_and_delay_holds_it_back(bus: Bus, run_id: str) -> None:
+    subjects = await bus.ensure_streams(run_id)
+    await bus.publish(subjects.prompts, prompt(run_id, 0), msg_id="p0")
+    consumer = await bus.work_consumer(run_id, "prompts", "capture", PromptTask, service="t")
+    (first,) = await consumer.fetch(batch=1, timeout=5)
+    assert first.deliveries == 1 and first.record == prompt(run_id, 0)
+    await first.nak()
+    (second,) = await consumer.fetch(batch=1, timeout=5)
+    assert second.deliveries == 2 and second.stream_seq == first.stream_seq
+
+    loop = asyncio.get_running_loop()
+    naked_at = loop.time()
+    await second.nak(delay=1.0)
+    assert await consumer.fetch(batch=1, timeout=0.4) == []
+    (third,) = await consumer.fetch(batch=1, timeout=5)
+    assert loop.time() - naked_at >= 0.9
+    assert third.deliveries == 3
+    await third.ack_sync()
+    assert await consumer.fetch(batch=1, timeout=0.3) == []
+    await consumer.close()
+
+
+async def test_unacked_message_is_redelivered_after_ack_wait(bus: Bus, run_id: str) -> None:
+    subjects = await bus.ensure_streams(run_id)
+    await bus.publish(subjects.prompts, prompt(run_id, 0), msg_id="p0")
+    consumer = await bus.work_consumer(
+        run_id, "prompts", "capture", PromptTask, service="t", ack_wait_s=1.0
+    )
+    (first,) = await consumer.fetch(batch=1, timeout=5)
+    (again,) = await consumer.fetch(batch=1, timeout=10)  # never acked: comes back
+    assert again.stream_seq == first.stream_seq and again.deliveries == 2
+    await again.ack_sync()
+    await consumer.close()
+
+
+async def test_in_progress_postpones_redelivery_and_term_stops_it(bus: Bus, run_id: str) -> None:
+    subjects = await bus.ensure_streams(run_id)
+    for i in range(2):
+        await bus.publish(subjects.prompts, prompt(run_id, i), msg_id=f"p{i}")
+    consumer = await bus.work_consumer(
+        run_id, "prompts", "capture", PromptTask, service="t", ack_wait_s=3.0
+    )
+    first, second = await consumer.fetch(batch=2, timeout=5)
+    await second.term()
+    # Keep `first` alive past several ack waits by heartbeating: nothing may come back.
+    for _ in range(3):
+        assert await consumer.fetch(batch=1, timeout=1.0) == []
+        await first.in_progress()
+    await first.ack_sync()
+    assert await consumer.fetch(batch=2, timeout=3.5) == []  # termed one never returns
+    await consumer.close()
+
+
+async def test_work_queue_shared_by_two_workers_delivers_each_once(
+    bus_config: BusConfig, run_id: str
+) -> None:
+    n = 300
+    producer = await Bus.connect(bus_config)
+    subjects = await producer.ensure_streams(run_id)
+    await producer.publish_many([(subjects.prompts, prompt(run_id, i), f"p{i}") for i in range(n)])
+
+    async def worker(name: str) -> list[str]:
+        async with await Bus.connect(bus_config) as bus:
+            consumer = await bus.work_consumer(
+                run_id, "prompts", "capture", PromptTask, service=name
+            )
+            seen = []
+            async for delivery in consumer.messages(batch=7, timeout=1.0, stop_when_idle=True):
+                seen.append(delivery.record.prompt_id)
+                await delivery.ack_sync()
+            await consumer.close()
+            return seen
+
+    a, b = await asyncio.gather(worker("a"), worker("b"))
+    assert len(a) + len(b) == n
+    assert set(a).isdisjoint(b)
+    assert set(a) | set(b) == {f"p{i}" for i in range(n)}
+    assert a and b, "both workers should have received work"
+    assert await producer.stream_depth(run_id, "prompts") == 0  # work queue: acked = removed
+    await producer.close()
+
+
+async def test_replay_from_sequence_one_after_everything_was_consumed(
+    bus: Bus, run_id: str
+) -> None:
+    subjects = await bus.ensure_streams(run_id)
+    refs = [sample(run_id, i, split="train" if i % 3 else "eval") for i in range(30)]
+    await bus.publish_many([(subjects.samples(r.split), r, r.sample_id) for r in refs])
+    marker = EndOfSplit(
+        run_id=run_id, split="train", producer="t", samples_published=20, run_spec_hash="h"
+    )
+    await bus.publish(subjects.samples("train"), marker)
+
+    consumer = await bus.work_consumer(
+        run_id, "samples", "trainer", SampleRef | EndOfSplit, service="t",
+        filter_subject=subjects.samples("train"),
+    )  # fmt: skip
+    async for delivery in consumer.messages(batch=50, timeout=0.5, stop_when_idle=True):
+        await delivery.ack()
+    await consumer.close()
+    assert (await bus.consumer_lag(run_id, "samples", "trainer")).outstanding == 0
+
+    train = [(seq, rec) async for seq, rec in bus.replay(run_id, "train")]
+    expected = [r for r in refs if r.split == "train"] + [marker]
+    assert [rec for _, rec in train] == expected
+    seqs = [seq for seq, _ in train]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+    tail = [(seq, rec) async for seq, rec in bus.replay(run_id, "train", start_seq=seqs[10])]
+    assert tail == train[10:]
+    evals = [rec async for _, rec in bus.replay(run_id, "eval")]
+    assert evals == [r for r in refs if r.split == "eval"]
+    assert [x async for x in bus.replay(run_id, "train", start_seq=seqs[-1] + 1)] == []
+
+
+async def test_replay_of_an_empty_split_ends_immediately(bus: Bus, run_id: str) -> None:
+    await bus.ensure_streams(run_id)
+    assert [x async for x in bus.replay(run_id, "eval")] == []
+
+
+async def test_replay_follow_sees_records_published_later(bus: Bus, run_id: str) -> None:
+    subjects = await bus.ensure_streams(run_id)
+    await bus.publish(subjects.samples("train"), sample(run_id, 0), "s0")
+    reader = bus.replay(run_id, "train", follow=True, idle_timeout=0.5)
+    seq0, first = await anext(reader)
+    later = asyncio.ensure_future(anext(reader))
+    await bus.publish(subjects.samples("train"), sample(run_id, 1), "s1")
+    seq1, second = await asyncio.wait_for(later, timeout=10)
+    assert (first.sample_id, second.sample_id) == ("s0", "s1") and seq1 == seq0 + 1
+    await reader.aclose()
+
+
+async def test_consumer_lag_counts_pending_and_unacked(bus: Bus, run_id: str) -> None:
+    subjects = await bus.ensure_streams(run_id)
+    consumer = await bus.work_consumer(run_id, "prompts", "capture", PromptTask, service="t")
+    await bus.publish_many([(subjects.prompts, prompt(run_id, i), f"p{i}") for i in range(10)])
+    lag = await consumer.lag()
+    assert (lag.num_pending, lag.num_ack_pending) == (10, 0)
+    got = await consumer.fetch(batch=4, timeout=5)
+    await got[0].ack_sync()
+    lag = await consumer.lag()
+    assert (lag.num_pending, lag.num_ack_pending, lag.outstanding) == (6, 3, 9)
+    await consumer.close()
+
+
+async def test_undecodable_message_goes_to_the_dlq_and_the_rest_flows(
+    bus: Bus, run_id: str
+) -> None:
+    subjects = await bus.ensure_streams(run_id)
+    await bus.js.publish(subjects.prompts, b"\xc1 definitely not msgpack")
+    await bus.publish(subjects.prompts, prompt(run_id, 1), "p1")
+    consumer = await bus.work_consumer(run_id, "prompts", "capture", PromptTask, service="cap")
+    good = await consumer.fetch(batch=10, timeout=2)
+    assert [d.record.prompt_id for d in good] == ["p1"]
+
+    dlq = await bus.js.pull_subscribe(subjects.dlq, stream=subjects.stream("dlq"))
+    (msg,) = await dlq.fetch(batch=1, timeout=5)
+    letter = decode(msg.data, DeadLetter)
+    assert letter.payload == b"\xc1 definitely not msgpack"
+    assert letter.subject == subjects.prompts and letter.service == "cap"
+    assert "malformed" in letter.reason and letter.stream_sequence == 1
+
+    await good[0].dead_letter("target refused the prompt", service="cap")
+    (msg,) = await dlq.fetch(batch=1, timeout=5)
+    assert decode(msg.data, DeadLetter).reason == "target refused the prompt"
+    await dlq.unsubscribe()
+    await consumer.close()
+
+
+async def test_run_spec_round_trips_through_kv(bus: Bus, run_id: str) -> None:
+    spec = RunSpec(run_id=run_id, target=TargetSpec(path="/m"), seed=5)
+    assert await bus.get_run_spec(run_id) is None
+    await bus.put_run_spec(spec)
+    assert await bus.get_run_spec(run_id) == spec
+    await bus.put_run_spec(RunSpec(run_id=run_id, target=TargetSpec(path="/m"), seed=5))
+    other = RunSpec(run_id=run_id, target=TargetSpec(path="/m"), seed=6)
+    with pytest.raises(RunSpecConflict, match="different spec"):
+        await bus.put_run_spec(other)
+    await bus.put_run_spec(other, replace=True)
+    assert await bus.get_run_spec(run_id) == other
+
+
+async def test_connect_to_nothing_fails_clearly() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that is free now, with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(BusError, match="cannot connect"):
+        await Bus.connect(BusConfig(servers=(f"nats://127.0.0.1:{port}",), connect_timeout_s=1))
+
+
+def test_subjects_are_per_run() -> None:
+    a, b = RunSubjects("a"), RunSubjects("b")
+    assert a.samples("train") == "sf.a.samples.train"
+    assert a.stream("samples") == "SF_a_SAMPLES" != b.stream("samples")

@@ -1,0 +1,1 @@
+"""Subcommands of ``specforge`` that belong to no single service."""

@@ -38,8 +38,10 @@ async def _status(args: argparse.Namespace) -> int:
                   f"seq {state.first_seq}..{state.last_seq}")  # fmt: skip
             for name in await _consumer_names(bus, subjects.stream(kind)):
                 lag = await bus.consumer_lag(args.run, kind, name)
-                print(f"    consumer {name:<16} pending {lag.num_pending:>8}  "
-                      f"unacked {lag.num_ack_pending:>6}  redelivered {lag.num_redelivered}")  # fmt: skip
+                print(
+                    f"    consumer {name:<16} pending {lag.num_pending:>8}  "
+                    f"unacked {lag.num_ack_pending:>6}  redelivered {lag.num_redelivered}"
+                )
     return 0
 
 

@@ -103,19 +103,34 @@ class ConsumerLag:
         return self.num_pending + self.num_ack_pending
 
 
+def stream_sequence(msg: Msg) -> int:
+    """Stream sequence from the JetStream ack subject, without nats-py's Metadata objects
+    (building those costs more than decoding the record on the hot path)."""
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the v2 form with
+    # <domain>.<account hash> after ACK and an optional trailing token.
+    tokens = msg.reply.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
 class Delivery(Generic[R]):
     """One delivered record and the ways to settle it."""
 
-    __slots__ = ("record", "subject", "stream_seq", "deliveries", "_msg", "_consumer")
+    __slots__ = ("record", "subject", "_msg", "_consumer")
 
     def __init__(self, record: R, msg: Msg, consumer: WorkConsumer[R]) -> None:
-        meta = msg.metadata
         self.record = record
         self.subject = msg.subject
-        self.stream_seq: int = meta.sequence.stream
-        self.deliveries: int = meta.num_delivered
         self._msg = msg
         self._consumer = consumer
+
+    @property
+    def stream_seq(self) -> int:
+        return stream_sequence(self._msg)
+
+    @property
+    def deliveries(self) -> int:
+        """How many times the server has delivered this message (1 on the first delivery)."""
+        return self._msg.metadata.num_delivered
 
     async def ack(self) -> None:
         await self._msg.ack()
@@ -429,7 +444,7 @@ class Bus:
                     if follow:
                         continue
                     raise BusError(f"replay of {subject} stalled before sequence {last}") from None
-                seq = msg.metadata.sequence.stream
+                seq = stream_sequence(msg)
                 yield seq, decode(msg.data, SampleRef | EndOfSplit, subject=msg.subject)
                 if last is not None and seq >= last:
                     return

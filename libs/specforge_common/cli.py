@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "nats-server": ("specforge_common.commands.nats_server", "run an embedded nats-server"),
     "status": ("specforge_common.commands.status", "stream depths and consumer lag of a run"),
     "demo": ("specforge_common.commands.demo", "end-to-end smoke run on embedded defaults"),
+    "models": (
+        "specforge_common.commands.models",
+        "prepare target models (SmolLM2-135M-Instruct from PyPI)",
+    ),
 }
 
 

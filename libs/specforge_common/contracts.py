@@ -53,8 +53,12 @@ def validate_run_id(run_id: str) -> str:
     return run_id
 
 
-class Record(msgspec.Struct, kw_only=True, tag_field="kind", tag=lambda name: name):
-    """Base of every bus record: tagged with its class name and versioned."""
+class Record(msgspec.Struct, kw_only=True, tag_field="kind", tag=lambda name: name, gc=False):
+    """Base of every bus record: tagged with its class name and versioned.
+
+    ``gc=False``: records never take part in reference cycles, and keeping tens of thousands of
+    them out of the cycle collector is measurable on the consume path.
+    """
 
     schema_version: int = SCHEMA_VERSION
 
@@ -129,7 +133,7 @@ class RunSpec(Record, kw_only=True, frozen=True):
 # --- work items and samples ----------------------------------------------------------------
 
 
-class Message(msgspec.Struct, frozen=True):
+class Message(msgspec.Struct, frozen=True, gc=False):
     role: Literal["system", "user", "assistant", "tool"]
     content: str
 
@@ -155,7 +159,7 @@ class PromptTask(Record, kw_only=True, frozen=True):
                 raise ValueError("loss_mask must have the same length as input_ids")
 
 
-class TensorSpec(msgspec.Struct, frozen=True):
+class TensorSpec(msgspec.Struct, frozen=True, gc=False):
     """Name, dtype (torch name without the ``torch.`` prefix) and shape of one stored tensor."""
 
     name: str
@@ -163,7 +167,7 @@ class TensorSpec(msgspec.Struct, frozen=True):
     shape: tuple[int, ...]
 
 
-class FeatureLocation(msgspec.Struct, kw_only=True, frozen=True):
+class FeatureLocation(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     """Where a sample's tensors live in a FeatureStore, and how to check them on the way back."""
 
     uri: str

@@ -143,21 +143,27 @@ async def test_work_queue_shared_by_two_workers_delivers_each_once(
     n = 300
     producer = await Bus.connect(bus_config)
     subjects = await producer.ensure_streams(run_id)
-    await producer.publish_many([(subjects.prompts, prompt(run_id, i), f"p{i}") for i in range(n)])
+    ready = [asyncio.Event(), asyncio.Event()]
 
-    async def worker(name: str) -> list[str]:
+    async def worker(index: int) -> list[str]:
         async with await Bus.connect(bus_config) as bus:
             consumer = await bus.work_consumer(
-                run_id, "prompts", "capture", PromptTask, service=name
+                run_id, "prompts", "capture", PromptTask, service=f"w{index}"
             )
-            seen = []
-            async for delivery in consumer.messages(batch=7, timeout=1.0, stop_when_idle=True):
-                seen.append(delivery.record.prompt_id)
-                await delivery.ack_sync()
+            ready[index].set()
+            seen, wait = [], 10.0  # the first batch waits for the publisher
+            while batch := await consumer.fetch(batch=7, timeout=wait):
+                wait = 1.0
+                for delivery in batch:
+                    seen.append(delivery.record.prompt_id)
+                    await delivery.ack_sync()
             await consumer.close()
             return seen
 
-    a, b = await asyncio.gather(worker("a"), worker("b"))
+    workers = [asyncio.create_task(worker(i)) for i in range(2)]
+    await asyncio.gather(*(event.wait() for event in ready))  # both bound before any work
+    await producer.publish_many([(subjects.prompts, prompt(run_id, i), f"p{i}") for i in range(n)])
+    a, b = await asyncio.gather(*workers)
     assert len(a) + len(b) == n
     assert set(a).isdisjoint(b)
     assert set(a) | set(b) == {f"p{i}" for i in range(n)}

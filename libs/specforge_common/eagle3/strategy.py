@@ -1,0 +1,137 @@
+"""The EAGLE-3 training strategy: training-time test (TTT) unroll and its loss and metrics.
+
+Step k feeds the draft its own step-(k-1) hidden state (feature drift is trained, not teacher
+forced), consumes token ``t+1+k`` at position t and is supervised by the target distribution at
+``t+1+k``. The loss is ``sum_k decay^k * ploss_k`` with ``ploss_k`` the soft cross entropy
+against the draft-vocab teacher, averaged over all B*T positions (masked ones count as 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..batch import TrainBatch
+from ..models.eagle3 import AttentionBackend, Eagle3Draft, TTTCache
+from ..models.layers import upcast
+from ..registry import STRATEGIES
+from .teacher import prepare_teacher, shift_left
+
+
+@dataclass
+class Eagle3Metrics:
+    """Raw per-step sums (float64) so batches and ranks add up before any ratio is taken."""
+
+    ploss: torch.Tensor  # [K] sum over batches of ploss_k * (B*T)
+    correct: torch.Tensor  # [K] correct draft argmax at loss-masked positions
+    denom: torch.Tensor  # [K] loss-masked positions
+    accept: torch.Tensor  # [K] sum of expected acceptance a_k at loss-masked positions
+    positions: torch.Tensor  # scalar: B*T summed over batches (the ploss denominator)
+    step_weight_decay: float = 0.8
+
+    @classmethod
+    def zeros(cls, ttt_length: int, step_weight_decay: float = 0.8) -> Eagle3Metrics:
+        z = torch.zeros(ttt_length, dtype=torch.float64)
+        return cls(z, z.clone(), z.clone(), z.clone(), torch.zeros((), dtype=torch.float64),
+                   step_weight_decay)  # fmt: skip
+
+    def __add__(self, other: Eagle3Metrics) -> Eagle3Metrics:
+        return Eagle3Metrics(
+            self.ploss + other.ploss, self.correct + other.correct, self.denom + other.denom,
+            self.accept + other.accept, self.positions + other.positions,
+            self.step_weight_decay,
+        )  # fmt: skip
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The sums, for an all-reduce across ranks."""
+        return [self.ploss, self.correct, self.denom, self.accept, self.positions]
+
+    def accuracies(self) -> list[float]:
+        return (self.correct / self.denom.clamp(min=1)).tolist()
+
+    def simulated_acceptance_length(self) -> float:
+        """``sum_k prod_{i<=k} acc_i`` — no bonus token (the training-time convention)."""
+        total, running = 0.0, 1.0
+        for acc in self.accuracies():
+            running *= acc
+            total += running
+        return total
+
+    def summary(self) -> dict[str, float]:
+        K = self.ploss.numel()
+        ploss = (self.ploss / self.positions.clamp(min=1)).tolist()
+        accept = (self.accept / self.denom.clamp(min=1)).tolist()
+        out: dict[str, float] = {}
+        for k, (p, a, r) in enumerate(zip(ploss, self.accuracies(), accept, strict=True)):
+            out[f"ploss_{k}"], out[f"acc_{k}"], out[f"acceptance_rate_{k}"] = p, a, r
+        out["loss"] = sum(self.step_weight_decay**k * p for k, p in enumerate(ploss))
+        out["acc"] = float(self.correct.sum() / self.denom.sum().clamp(min=1))
+        out["acceptance_rate"] = sum(accept) / K
+        out["simulated_acc_len"] = self.simulated_acceptance_length()
+        return out
+
+
+@dataclass
+class StrategyOutput:
+    loss: torch.Tensor
+    metrics: Eagle3Metrics
+
+
+@STRATEGIES.register("eagle3")
+class Eagle3Strategy:
+    """Loss and telemetry of one batch; the trainer owns optimizer, accumulation and ranks."""
+
+    def __init__(
+        self,
+        draft: Eagle3Draft,
+        target_head: torch.Tensor,
+        *,
+        ttt_length: int = 7,
+        step_weight_decay: float = 0.8,
+        attention: AttentionBackend = "sdpa",
+    ) -> None:
+        if target_head.shape[0] != draft.config.vocab_size:
+            raise ValueError(
+                f"target head has {target_head.shape[0]} rows but the draft's target vocabulary "
+                f"is {draft.config.vocab_size}"
+            )
+        self.draft = draft
+        self.target_head = target_head.detach().requires_grad_(False)
+        self.ttt_length = ttt_length
+        self.step_weight_decay = step_weight_decay
+        self.attention = attention
+
+    def __call__(self, batch: TrainBatch) -> StrategyOutput:
+        draft, K = self.draft, self.ttt_length
+        teacher = prepare_teacher(batch, self.target_head, draft.t2d, K)
+        B, T = batch.input_ids.shape
+        dtype = draft.fc.weight.dtype
+
+        hidden = draft.project_aux(batch.aux_hidden_states.to(dtype))
+        cache = TTTCache(batch.attention_mask, backend=self.attention)
+        positions = torch.arange(T, device=hidden.device).expand(B, T)
+        ids, position_mask, loss_mask = teacher.input_ids, teacher.position_mask, teacher.loss_mask
+
+        loss = hidden.new_zeros((), dtype=upcast(hidden).dtype)
+        metrics = Eagle3Metrics.zeros(K, self.step_weight_decay)
+        for k in range(K):
+            hidden = draft.step(ids, hidden, positions + k, cache)
+            log_q = F.log_softmax(upcast(draft.compute_logits(hidden)), dim=-1)  # [B, T, V_d]
+            target_p = teacher.target_p[:, k : k + T]
+            ploss = -(position_mask[..., None] * target_p * log_q).sum() / (B * T)
+            loss = loss + self.step_weight_decay**k * ploss
+            with torch.no_grad():
+                predicted = draft.draft_to_target(log_q.argmax(dim=-1))
+                hits = (predicted == teacher.target_ids[:, k : k + T]).to(loss_mask.dtype)
+                accept = torch.minimum(teacher.p_on_draft[:, k : k + T], log_q.exp()).sum(-1)
+                metrics.ploss[k] = ploss.detach().double() * (B * T)
+                metrics.correct[k] = (hits * loss_mask).sum().double()
+                metrics.denom[k] = loss_mask.sum().double()
+                metrics.accept[k] = (accept * loss_mask).sum().double()
+            if k < K - 1:
+                ids, position_mask = shift_left(ids), shift_left(position_mask)
+                loss_mask = shift_left(loss_mask)
+        metrics.positions += B * T
+        return StrategyOutput(loss, metrics)

@@ -1,0 +1,56 @@
+"""Teacher preparation: what the target says at every position, restricted to the draft vocab.
+
+The EAGLE shift: at position t the draft sees the aux features of t and the embedding of token
+t+1, and is supervised by the target distribution at t+1 (which predicts token t+2). The teacher
+is padded by ``ttt_length`` positions so step k can read rows ``k .. k+T-1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..batch import TrainBatch
+from ..models.layers import upcast
+
+
+@dataclass
+class Teacher:
+    input_ids: torch.Tensor  # [B, T] token t+1 at position t, 0 at the last position
+    target_p: torch.Tensor  # [B, T+K, V_d] softmax over the draft vocab; padding rows 1/V_d
+    p_on_draft: torch.Tensor  # [B, T+K, V_d] target prob of each draft token (not renormalized)
+    target_ids: torch.Tensor  # [B, T+K] argmax over the full target vocab; padding 0
+    position_mask: torch.Tensor  # [B, T] supervised and the target's argmax is in the draft vocab
+    loss_mask: torch.Tensor  # [B, T] as captured (not shifted)
+
+
+def shift_left(x: torch.Tensor) -> torch.Tensor:
+    """``y[:, t] = x[:, t+1]``, zero at the end (dim 1)."""
+    return torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=1)
+
+
+@torch.no_grad()
+def prepare_teacher(
+    batch: TrainBatch, target_head: torch.Tensor, t2d: torch.Tensor, ttt_length: int
+) -> Teacher:
+    """``target_head`` is the target's lm_head weight [V, H_t]; ``t2d`` the draft-vocab mask [V]."""
+    hidden = shift_left(batch.hidden_states)
+    logits = upcast(hidden.to(target_head.dtype) @ target_head.T)  # [B, T, V]
+    target_ids = logits.argmax(dim=-1)
+    loss_mask = batch.loss_mask.to(logits.dtype)
+    position_mask = t2d[target_ids].to(logits.dtype) * loss_mask
+    draft_logits = logits[..., t2d]  # ascending target id == draft id order
+    target_p = draft_logits.softmax(dim=-1)
+    p_on_draft = (draft_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
+
+    B, _, V_d = target_p.shape
+    pad_p = target_p.new_full((B, ttt_length, V_d), 1.0 / V_d)
+    return Teacher(
+        input_ids=shift_left(batch.input_ids),
+        target_p=torch.cat([target_p, pad_p], dim=1),
+        p_on_draft=torch.cat([p_on_draft, torch.zeros_like(pad_p)], dim=1),
+        target_ids=torch.cat([target_ids, target_ids.new_zeros(B, ttt_length)], dim=1),
+        position_mask=position_mask,
+        loss_mask=loss_mask,
+    )

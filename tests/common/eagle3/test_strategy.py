@@ -1,0 +1,342 @@
+"""The EAGLE-3 TTT strategy against an independent, slow, loop-based reference in float64.
+
+The reference below is written from the spec's formulas only (it shares no code with the
+implementation beyond reading the draft's parameters): per-token RMSNorm, RoPE pair rotation,
+attention as explicit score lists over the allowed keys, teacher and metrics by loops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from specforge_common.batch import TrainBatch
+from specforge_common.eagle3.strategy import Eagle3Metrics, Eagle3Strategy
+from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft, TTTCache
+
+V, V_D, H, HEADS, KV_HEADS, INTER = 24, 12, 16, 4, 2, 32
+B, T, K = 2, 7, 3
+LENGTHS = (7, 5)  # the second row is right-padded
+
+
+def make_setup(dtype=torch.float64, seed=0, fc_norm=False):
+    gen = torch.Generator().manual_seed(seed)
+    config = Eagle3Config(
+        hidden_size=H, intermediate_size=INTER, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, vocab_size=V, draft_vocab_size=V_D, rope_theta=50.0,
+        initializer_range=0.3, fc_norm=fc_norm,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    draft = Eagle3Draft(config).to(dtype)
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            if name.endswith("norm.weight") or ".0.weight" in name or ".1." in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen, dtype=dtype))
+    used = torch.randperm(V, generator=gen)[:V_D].sort().values
+    draft.t2d.zero_()
+    draft.t2d[used] = True
+    draft.d2t.copy_(used - torch.arange(V_D))
+    head = torch.randn(V, H, generator=gen, dtype=dtype)
+    attention = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(LENGTHS):
+        attention[b, :n] = 1
+    loss_mask = attention.clone()
+    loss_mask[0, :2] = 0  # a prompt part that is not supervised
+    batch = TrainBatch(
+        input_ids=torch.randint(0, V, (B, T), generator=gen) * attention,
+        attention_mask=attention,
+        loss_mask=loss_mask,
+        aux_hidden_states=torch.randn(B, T, 3 * H, generator=gen, dtype=dtype),
+        hidden_states=torch.randn(B, T, H, generator=gen, dtype=dtype),
+    )
+    # Make some teacher argmaxes fall outside the draft vocab and some inside.
+    return draft, head, batch, used
+
+
+# --- the reference -----------------------------------------------------------------------
+
+
+def rms(x, w, eps):
+    return w * x / math.sqrt(float((x * x).mean()) + eps)
+
+
+def rope(x, pos, theta):
+    d = x.shape[-1]
+    out = x.clone()
+    for i in range(d // 2):
+        angle = pos * theta ** (-2 * i / d)
+        c, s = math.cos(angle), math.sin(angle)
+        out[i] = x[i] * c - x[i + d // 2] * s
+        out[i + d // 2] = x[i + d // 2] * c + x[i] * s
+    return out
+
+
+def reference(draft: Eagle3Draft, head, batch: TrainBatch, K: int, decay: float = 0.8):
+    sd = {k: v.detach().to(torch.float64) for k, v in draft.state_dict().items()}
+    cfg = draft.config
+    eps, d = cfg.rms_norm_eps, cfg.attention_head_dim
+    group = HEADS // KV_HEADS
+    used = sd["t2d"].nonzero().flatten().tolist()
+    ids, lm = batch.input_ids.tolist(), batch.loss_mask.tolist()
+    lengths = batch.attention_mask.sum(1).tolist()
+
+    # Teacher, by loops.
+    p, pod, y, pm = {}, {}, {}, {}
+    for b in range(B):
+        for t in range(T):
+            h = batch.hidden_states[b, t + 1].double() if t + 1 < T else torch.zeros(H).double()
+            logits = head.double() @ h
+            y[b, t] = int(logits.argmax())
+            pm[b, t] = float(sd["t2d"][y[b, t]]) * lm[b][t]
+            sub = logits[used]
+            p[b, t] = torch.softmax(sub, 0)
+            pod[b, t] = torch.exp(sub - torch.logsumexp(logits, 0))
+
+    def teacher_at(b, t):  # row t of the padded teacher
+        if t < T:
+            return p[b, t], pod[b, t], y[b, t], pm[b, t], lm[b][t]
+        return torch.full((V_D,), 1 / V_D).double(), torch.zeros(V_D).double(), 0, 0.0, 0
+
+    def token(b, t, k):  # ids_k[t] = input_ids[t + 1 + k], zero past the end
+        j = t + 1 + k
+        return ids[b][j] if j < T else 0
+
+    def proj(name, x):
+        return sd[name] @ x
+
+    hidden = {(b, t): proj("fc.weight", batch.aux_hidden_states[b, t].double())
+              for b in range(B) for t in range(T)}  # fmt: skip
+    keys, values = {}, {}  # (step, b, t) -> [KV_HEADS, d]
+    results = []
+    for k in range(K):
+        queries, new_hidden = {}, {}
+        for b in range(B):
+            for t in range(T):
+                emb = sd["embed_tokens.weight"][token(b, t, k)]
+                e = rms(emb, sd["midlayer.input_layernorm.weight"], eps)
+                x = torch.cat([e, rms(hidden[b, t], sd["midlayer.hidden_norm.weight"], eps)])
+                q = proj("midlayer.self_attn.q_proj.weight", x).view(HEADS, d)
+                kk = proj("midlayer.self_attn.k_proj.weight", x).view(KV_HEADS, d)
+                vv = proj("midlayer.self_attn.v_proj.weight", x).view(KV_HEADS, d)
+                pos = t + k
+                queries[b, t] = torch.stack([rope(q[h], pos, cfg.rope_theta) for h in range(HEADS)])
+                keys[k, b, t] = torch.stack([rope(kk[h], pos, cfg.rope_theta)
+                                             for h in range(KV_HEADS)])  # fmt: skip
+                values[k, b, t] = vv
+        for b in range(B):
+            for t in range(T):
+                allowed = [(0, s) for s in range(t + 1) if s < lengths[b]]
+                if t < lengths[b]:
+                    allowed += [(i, t) for i in range(1, k + 1)]
+                heads_out = []
+                for h in range(HEADS):
+                    q = queries[b, t][h]
+                    scores = torch.stack(
+                        [q @ keys[i, b, s][h // group] / math.sqrt(d) for i, s in allowed]
+                    )
+                    w = torch.softmax(scores, 0)
+                    heads_out.append(sum(w[j] * values[i, b, s][h // group]
+                                         for j, (i, s) in enumerate(allowed)))  # fmt: skip
+                attn = proj("midlayer.self_attn.o_proj.weight", torch.cat(heads_out))
+                h1 = hidden[b, t] + attn
+                z = rms(h1, sd["midlayer.post_attention_layernorm.weight"], eps)
+                gate = proj("midlayer.mlp.gate_proj.weight", z)
+                up = proj("midlayer.mlp.up_proj.weight", z)
+                mlp = proj("midlayer.mlp.down_proj.weight", gate * torch.sigmoid(gate) * up)
+                new_hidden[b, t] = h1 + mlp
+        hidden = new_hidden
+        ploss, correct, denom, accept = 0.0, 0.0, 0.0, 0.0
+        for b in range(B):
+            for t in range(T):
+                logits = sd["lm_head.weight"] @ rms(hidden[b, t], sd["norm.weight"], eps)
+                log_q = torch.log_softmax(logits, 0)
+                p_t, pod_t, y_t, pm_t, lm_t = teacher_at(b, t + k)
+                ploss += -pm_t * float((p_t * log_q).sum())
+                draft_id = int(logits.argmax())
+                correct += lm_t * float(draft_id + int(sd["d2t"][draft_id]) == y_t)
+                denom += lm_t
+                accept += lm_t * float(torch.minimum(pod_t, log_q.exp()).sum())
+        results.append(
+            {
+                "ploss": ploss / (B * T),
+                "acc": correct / max(denom, 1),
+                "accept": accept / max(denom, 1),
+            }  # fmt: skip
+        )
+    loss = sum(decay**k * r["ploss"] for k, r in enumerate(results))
+    return loss, results
+
+
+# --- tests -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["reference", "sdpa"])
+def test_loss_accuracy_and_acceptance_match_the_loop_reference(attention: str) -> None:
+    draft, head, batch, _ = make_setup()
+    out = Eagle3Strategy(draft, head, ttt_length=K, attention=attention)(batch)
+    ref_loss, ref = reference(draft, head, batch, K)
+    summary = out.metrics.summary()
+    assert out.loss.item() == pytest.approx(ref_loss, abs=1e-6, rel=1e-9)
+    for k in range(K):
+        assert summary[f"ploss_{k}"] == pytest.approx(ref[k]["ploss"], abs=1e-6)
+        assert summary[f"acc_{k}"] == pytest.approx(ref[k]["acc"], abs=1e-6)
+        assert summary[f"acceptance_rate_{k}"] == pytest.approx(ref[k]["accept"], abs=1e-6)
+    assert summary["loss"] == pytest.approx(ref_loss, abs=1e-6)
+
+
+def test_teacher_has_targets_inside_and_outside_the_draft_vocab() -> None:
+    """The setup exercises the position mask: otherwise the comparison above proves less."""
+    draft, head, batch, used = make_setup()
+    argmax = (batch.hidden_states[:, 1:] @ head.T).argmax(-1)
+    inside = torch.isin(argmax, used)
+    assert inside.any() and (~inside).any()
+
+
+def test_float32_matches_the_float64_reference() -> None:
+    draft, head, batch, _ = make_setup()
+    ref_loss, _ = reference(draft, head, batch, K)
+    draft32 = draft.float()
+    batch32 = batch.to("cpu", dtype=torch.float32)
+    out = Eagle3Strategy(draft32, head.float(), ttt_length=K)(batch32)
+    assert out.loss.item() == pytest.approx(ref_loss, abs=1e-5, rel=1e-5)
+
+
+def test_sdpa_and_reference_backends_agree_in_value_and_gradient() -> None:
+    draft, head, batch, _ = make_setup(seed=3)
+    grads = {}
+    for attention in ("reference", "sdpa"):
+        draft.zero_grad()
+        loss = Eagle3Strategy(draft, head, ttt_length=K, attention=attention)(batch).loss
+        loss.backward()
+        grads[attention] = {n: p.grad.clone() for n, p in draft.named_parameters()
+                            if p.grad is not None}  # fmt: skip
+    for name, g in grads["reference"].items():
+        torch.testing.assert_close(grads["sdpa"][name], g, atol=1e-10, rtol=1e-8)
+
+
+def test_gradients_reach_only_trainable_parameters() -> None:
+    draft, head, batch, _ = make_setup()
+    head.requires_grad_(True)
+    Eagle3Strategy(draft, head, ttt_length=K)(batch).loss.backward()
+    assert draft.embed_tokens.weight.grad is None
+    assert head.grad is None
+    for name, param in draft.named_parameters():
+        if not name.startswith("embed_tokens"):
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def step_logits(draft: Eagle3Draft, batch: TrainBatch, steps: int) -> list[torch.Tensor]:
+    """Raw draft logits of each TTT step, as the strategy computes them."""
+    from specforge_common.eagle3.teacher import shift_left
+
+    ids = shift_left(batch.input_ids)
+    hidden = draft.project_aux(batch.aux_hidden_states)
+    cache = TTTCache(batch.attention_mask)
+    positions = torch.arange(T).expand(B, T)
+    out = []
+    for k in range(steps):
+        hidden = draft.step(ids, hidden, positions + k, cache)
+        out.append(draft.compute_logits(hidden).detach())
+        ids = shift_left(ids)
+    return out
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_no_future_leakage(t: int) -> None:
+    """Step k at position t reads tokens up to t+1+k and aux features up to t, nothing later."""
+    draft, _, batch, _ = make_setup()
+    base = step_logits(draft, batch, K)
+    for k in range(K):
+        changed = TrainBatch(**vars(batch))
+        changed.input_ids = batch.input_ids.clone()
+        changed.input_ids[:, t + 2 + k :] = (changed.input_ids[:, t + 2 + k :] + 1) % V
+        changed.aux_hidden_states = batch.aux_hidden_states.clone()
+        changed.aux_hidden_states[:, t + 1 :] += 1.0
+        after = step_logits(draft, changed, K)
+        torch.testing.assert_close(after[k][:, : t + 1], base[k][:, : t + 1], atol=0, rtol=0)
+        # ... while the token at t+1+k does matter at position t (the test can fail).
+        nudged = TrainBatch(**vars(batch))
+        nudged.input_ids = batch.input_ids.clone()
+        nudged.input_ids[:, t + 1 + k] = (nudged.input_ids[:, t + 1 + k] + 1) % V
+        assert not torch.equal(step_logits(draft, nudged, K)[k][:, t], base[k][:, t])
+
+
+def test_step_k_attends_to_its_own_earlier_steps_on_the_diagonal_only() -> None:
+    """The cached step-i key at position s != t must not influence step k at t."""
+    draft, _, batch, _ = make_setup()
+    ids = batch.input_ids
+    hidden = draft.project_aux(batch.aux_hidden_states)
+    cache = TTTCache(batch.attention_mask, backend="reference")
+    positions = torch.arange(T).expand(B, T)
+    hidden = draft.step(ids, hidden, positions, cache)
+    hidden = draft.step(ids, hidden, positions + 1, cache)
+    # Perturb the step-1 key/value at position 4 only, then run step 2.
+    base_cache = TTTCache(batch.attention_mask, "reference", [k.clone() for k in cache.keys],
+                          [v.clone() for v in cache.values])  # fmt: skip
+    cache.keys[1][:, :, 4] += 3.0
+    cache.values[1][:, :, 4] += 3.0
+    out = draft.step(ids, hidden, positions + 2, cache).detach()
+    ref = draft.step(ids, hidden, positions + 2, base_cache).detach()
+    changed = (out - ref).abs().amax(dim=-1) > 0  # [B, T]
+    assert changed[0].tolist() == [t == 4 for t in range(T)]
+
+
+def test_simulated_acceptance_length_has_no_bonus_token() -> None:
+    m = Eagle3Metrics.zeros(2)
+    m.correct[:] = torch.tensor([8.0, 4.0])
+    m.denom[:] = torch.tensor([10.0, 10.0])
+    assert m.simulated_acceptance_length() == pytest.approx(0.8 + 0.8 * 0.4)
+
+
+def test_metrics_add_up_over_batches_before_ratios() -> None:
+    draft, head, batch, _ = make_setup()
+    strategy = Eagle3Strategy(draft, head, ttt_length=K)
+    first = TrainBatch(*(getattr(batch, f)[:1] for f in batch.__dataclass_fields__))
+    second = TrainBatch(*(getattr(batch, f)[1:] for f in batch.__dataclass_fields__))
+    both = strategy(first).metrics + strategy(second).metrics
+    whole = strategy(batch).metrics
+    for a, b in zip(both.tensors()[1:], whole.tensors()[1:], strict=True):  # counts are exact
+        torch.testing.assert_close(a, b)
+
+
+def test_fc_norm_variant_runs_and_normalizes_each_chunk() -> None:
+    draft, head, batch, _ = make_setup(fc_norm=True)
+    assert {f"fc_norm.{i}.weight" for i in range(3)} <= set(draft.state_dict())
+    scaled = TrainBatch(**vars(batch))
+    scaled.aux_hidden_states = batch.aux_hidden_states * 7.0  # RMSNorm per chunk removes scale
+    a = draft.project_aux(batch.aux_hidden_states)
+    b = draft.project_aux(scaled.aux_hidden_states)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_overfits_a_handful_of_samples() -> None:
+    """Plain AdamW on 4 samples drives step-0 accuracy on them above 0.9 (fp32, CPU)."""
+    torch.manual_seed(0)
+    Vt, Vd, Ht, Tt = 64, 32, 32, 24
+    config = Eagle3Config(hidden_size=Ht, intermediate_size=64, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=Vt, draft_vocab_size=Vd)  # fmt: skip
+    draft = Eagle3Draft(config)
+    draft.t2d[:Vd] = True
+    head = torch.randn(Vt, Ht)
+    # Teacher argmaxes inside the draft vocab: push hidden states toward rows < Vd.
+    targets = torch.randint(0, Vd, (4, Tt))
+    hidden = 3.0 * torch.nn.functional.normalize(head[targets], dim=-1) + 0.1 * torch.randn(
+        4, Tt, Ht
+    )
+    batch = TrainBatch(
+        input_ids=torch.randint(0, Vt, (4, Tt)),
+        attention_mask=torch.ones(4, Tt, dtype=torch.long),
+        loss_mask=torch.ones(4, Tt, dtype=torch.long),
+        aux_hidden_states=torch.randn(4, Tt, 3 * Ht),
+        hidden_states=hidden,
+    )
+    strategy = Eagle3Strategy(draft, head, ttt_length=2)
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        out = strategy(batch)
+        out.loss.backward()
+        optimizer.step()
+    assert out.metrics.summary()["acc_0"] > 0.9

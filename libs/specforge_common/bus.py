@@ -467,6 +467,29 @@ class Bus:
                 )
         return self._kv
 
+    async def put_record(self, key: str, record: Record, *, create_only: bool = False) -> bool:
+        """Store a record under ``key`` in the runs bucket; with ``create_only`` keep an
+        existing value and return False."""
+        kv = await self._runs_kv()
+        if not create_only:
+            await kv.put(key, encode(record))
+            return True
+        try:
+            await kv.create(key, encode(record))
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+
+    async def get_record(self, key: str, record_type: Any) -> Any | None:
+        kv = await self._runs_kv()
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return decode(entry.value, record_type, subject=f"$KV.{RUNS_BUCKET}.{key}")
+
     async def put_run_spec(self, spec: RunSpec, *, replace: bool = False) -> RunSpec:
         """Store the run's spec. An identical spec is fine; a different one needs ``replace``."""
         kv = await self._runs_kv()
@@ -489,14 +512,19 @@ class Bus:
         return spec
 
     async def get_run_spec(self, run_id: str) -> RunSpec | None:
-        kv = await self._runs_kv()
-        try:
-            entry = await kv.get(run_id)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        if entry.value is None:
-            return None
-        return decode(entry.value, RunSpec, subject=f"$KV.{RUNS_BUCKET}.{run_id}")
+        return await self.get_record(run_id, RunSpec)
+
+    async def wait_for_record(
+        self, key: str, record_type: Any, *, timeout: float | None = None, poll: float = 0.5
+    ) -> Any:
+        """The record at ``key``, waiting until someone writes it (services start in any order)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while (record := await self.get_record(key, record_type)) is None:
+            if deadline is not None and loop.time() > deadline:
+                raise BusError(f"nothing was written at KV key {key!r} within {timeout}s")
+            await asyncio.sleep(poll)
+        return record
 
 
 async def _log_error(exc: Exception) -> None:

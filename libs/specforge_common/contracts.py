@@ -81,25 +81,39 @@ class DraftSpec(msgspec.Struct, kw_only=True, frozen=True):
     draft_vocab_size: int = 32000
     aux_layer_ids: tuple[int, ...] | None = None  # None: the spec's default rule
     config: dict[str, Any] = {}  # overrides of the auto-generated draft config
+    init_from: str = ""  # warm start: a directory with an SGLang-layout EAGLE-3 draft
 
 
 class TrainSpec(msgspec.Struct, kw_only=True, frozen=True):
     learning_rate: float = 1e-4
+    weight_decay: float = 0.0
     batch_size: int = 1
     accumulation_steps: int = 1
     ttt_length: int = 7
     max_grad_norm: float = 0.5
     warmup_ratio: float = 0.015
+    scheduler: Literal["cosine", "constant"] = "cosine"
     epochs: int = 1
-    total_steps: int | None = None
-    checkpoint_every: int = 100
+    total_steps: int | None = None  # None: derived from the sample count at end of data
+    checkpoint_every: int = 100  # optimizer steps; a final checkpoint is always written
     keep_last: int = 3
+    log_every: int = 10
+    attention: Literal["sdpa", "reference"] = "sdpa"
 
 
 class CaptureSpec(msgspec.Struct, kw_only=True, frozen=True):
     mode: Literal["prefill", "decode"] = "prefill"
-    temperature: float = 0.0
+    temperature: float = 0.0  # decode mode: 0 = greedy
     max_new_tokens: int = 512
+    batch_size: int = 4
+    max_batch_tokens: int = 8192
+    # Backpressure on the trainers' outstanding samples (pending + unacked in their consumer).
+    high_water_samples: int = 10_000
+    low_water_samples: int = 5_000
+
+
+class EvalSpec(msgspec.Struct, kw_only=True, frozen=True):
+    max_samples: int = 64  # eval-split samples per checkpoint
     batch_size: int = 4
 
 
@@ -111,9 +125,13 @@ class RunSpec(Record, kw_only=True, frozen=True):
     draft: DraftSpec = DraftSpec()
     train: TrainSpec = TrainSpec()
     capture: CaptureSpec = CaptureSpec()
+    eval: EvalSpec = EvalSpec()
     max_length: int = 2048
     chat_template: str = ""  # empty: the tokenizer's own template
+    loss_mask_policy: Literal["assistant", "last_turn"] = "assistant"
+    min_loss_tokens: int = 1
     store_uri: str = "file://./runs/features"
+    output_dir: str = "./runs"  # checkpoints: <output_dir>/<run_id>/checkpoints/
     seed: int = 0
     eval_fraction: float = 0.05
 
@@ -190,6 +208,26 @@ class SampleRef(Record, kw_only=True, frozen=True):
     created_at: float = msgspec.field(default_factory=time.time)
 
 
+class EnqueueSummary(Record, kw_only=True, frozen=True):
+    """Written to the KV bucket by ``specforge enqueue`` once all its prompts are published.
+
+    Capture workers publish ``EndOfSplit`` only after this exists and the prompt queue is
+    drained, so an empty queue before enqueue finished is never mistaken for the end of data.
+    The draft vocabulary map (tensors) lives in the feature store at ``vocab_map``.
+    """
+
+    run_id: str
+    sources: list[str]
+    train: int
+    eval: int
+    skipped: int
+    vocab_map: FeatureLocation | None = None
+    vocab_map_hash: str = ""
+    tokens_counted: int = 0
+    run_spec_hash: str
+    created_at: float = msgspec.field(default_factory=time.time)
+
+
 class EndOfSplit(Record, kw_only=True, frozen=True):
     """Marker on the samples subject: the producer saw the prompt queue drained for a split."""
 
@@ -204,9 +242,23 @@ class EndOfSplit(Record, kw_only=True, frozen=True):
 # --- training and evaluation ---------------------------------------------------------------
 
 
+class TrainerProgress(Record, kw_only=True, frozen=True):
+    """A trainer rank's position, in the KV bucket: capture reads it for backpressure."""
+
+    run_id: str
+    rank: int
+    step: int
+    samples_consumed: int
+    last_sequence: int  # samples-stream sequence of the last sample trained on
+    done: bool = False
+    run_spec_hash: str
+    updated_at: float = msgspec.field(default_factory=time.time)
+
+
 class CheckpointEvent(Record, kw_only=True, frozen=True):
     run_id: str
     step: int
+    final: bool = False  # the last checkpoint of the run
     samples_consumed: int
     last_sequence: dict[int, int]  # rank -> last samples-stream sequence consumed
     checkpoint_uri: str

@@ -19,7 +19,22 @@ from .contracts import Split, validate_run_id
 StreamKind = Literal["prompts", "samples", "checkpoints", "evals", "dlq"]
 STREAM_KINDS: tuple[StreamKind, ...] = ("prompts", "samples", "checkpoints", "evals", "dlq")
 
-RUNS_BUCKET = "sf_runs"  # KV: run id -> RunSpec
+# KV: run id -> RunSpec, "<run>.enqueue" -> EnqueueSummary, "<run>.progress.<rank>" ->
+# TrainerProgress.
+RUNS_BUCKET = "sf_runs"
+
+
+def enqueue_key(run_id: str) -> str:
+    return f"{run_id}.enqueue"
+
+
+def progress_key(run_id: str, rank: int) -> str:
+    """KV key of a trainer rank's TrainerProgress."""
+    return f"{run_id}.progress.{rank}"
+
+
+def progress_prefix(run_id: str) -> str:
+    return f"{run_id}.progress."
 
 
 @dataclass(frozen=True)

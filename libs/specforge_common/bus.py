@@ -420,7 +420,32 @@ class Bus:
         keeps waiting for new ones. Nothing is acked or consumed: replay leaves no trace.
         """
         subjects = RunSubjects(run_id)
-        stream, subject = subjects.stream("samples"), subjects.samples(split)
+        async for item in self.read_log(
+            subjects.stream("samples"), subjects.samples(split), SampleRef | EndOfSplit,
+            start_seq, follow=follow, idle_timeout=idle_timeout,
+        ):  # fmt: skip
+            yield item
+
+    async def records(
+        self, run_id: str, kind: StreamKind, record_type: Any
+    ) -> AsyncIterator[tuple[int, Any]]:
+        """Every record of a run stream (checkpoints, evals, dlq) in order, as of now."""
+        subjects = RunSubjects(run_id)
+        stream = subjects.stream(kind)
+        async for item in self.read_log(stream, subjects.stream_subjects(kind)[0], record_type):
+            yield item
+
+    async def read_log(
+        self,
+        stream: str,
+        subject: str,
+        record_type: Any,
+        start_seq: int = 1,
+        *,
+        follow: bool = False,
+        idle_timeout: float = 5.0,
+    ) -> AsyncIterator[tuple[int, Any]]:
+        """Ordered read of ``subject`` in ``stream`` from ``start_seq`` (an ordered consumer)."""
         last = None
         if not follow:
             try:
@@ -443,13 +468,24 @@ class Bus:
                 except nats.errors.TimeoutError:
                     if follow:
                         continue
-                    raise BusError(f"replay of {subject} stalled before sequence {last}") from None
+                    raise BusError(f"reading {subject} stalled before sequence {last}") from None
                 seq = stream_sequence(msg)
-                yield seq, decode(msg.data, SampleRef | EndOfSplit, subject=msg.subject)
+                yield seq, decode(msg.data, record_type, subject=msg.subject)
                 if last is not None and seq >= last:
                     return
         finally:
             await sub.unsubscribe()
+
+    async def last_record(self, run_id: str, kind: StreamKind, record_type: Any) -> Any | None:
+        """The newest record of a run stream, or None (for status displays)."""
+        subjects = RunSubjects(run_id)
+        try:
+            msg = await self.js.get_msg(
+                subjects.stream(kind), subject=subjects.stream_subjects(kind)[0]
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        return decode(msg.data, record_type, subject=msg.subject)
 
     # --- run specs -------------------------------------------------------------------------
 

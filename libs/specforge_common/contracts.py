@@ -97,6 +97,8 @@ class TrainSpec(msgspec.Struct, kw_only=True, frozen=True):
     total_steps: int | None = None  # None: derived from the sample count at end of data
     checkpoint_every: int = 100  # optimizer steps; a final checkpoint is always written
     keep_last: int = 3
+    # Never rotate out a checkpoint that has no EvalResult yet (the evaluator may lag).
+    keep_unevaluated: bool = True
     log_every: int = 10
     attention: Literal["sdpa", "reference"] = "sdpa"
 

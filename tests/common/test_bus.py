@@ -286,3 +286,21 @@ def test_subjects_are_per_run() -> None:
     a, b = RunSubjects("a"), RunSubjects("b")
     assert a.samples("train") == "sf.a.samples.train"
     assert a.stream("samples") == "SF_a_SAMPLES" != b.stream("samples")
+
+
+async def test_records_and_last_record_of_a_run_stream(bus: Bus, run_id: str) -> None:
+    from specforge_common.contracts import EvalResult
+
+    subjects = await bus.ensure_streams(run_id)
+    assert await bus.last_record(run_id, "evals", EvalResult) is None
+    assert [r async for r in bus.records(run_id, "evals", EvalResult)] == []
+    results = [
+        EvalResult(
+            run_id=run_id, step=s, checkpoint_sha256="x", acceptance_rates=[0.5], run_spec_hash="h"
+        )  # fmt: skip
+        for s in (0, 10, 20)
+    ]
+    for r in results:
+        await bus.publish(subjects.evals, r, f"eval:{r.step}")
+    assert [r async for _, r in bus.records(run_id, "evals", EvalResult)] == results
+    assert await bus.last_record(run_id, "evals", EvalResult) == results[-1]

@@ -18,12 +18,12 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 def test_help_lists_the_commands() -> None:
     out = run("--help")
     assert out.returncode == 0
-    for command in ("nats-server", "status", "demo"):
+    for command in ("nats-server", "status", "smoke", "run"):
         assert command in out.stdout
 
 
-def test_demo_moves_every_sample_through_bus_and_store(tmp_path: Path) -> None:
-    out = run("demo", "--samples", "30", "--max-tokens", "64", "--workdir", str(tmp_path))
+def test_smoke_moves_every_sample_through_bus_and_store(tmp_path: Path) -> None:
+    out = run("smoke", "--samples", "30", "--max-tokens", "64", "--workdir", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "samples consumed   30" in out.stdout
     assert "replay from seq 1  30 samples, in order: True" in out.stdout

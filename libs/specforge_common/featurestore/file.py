@@ -2,15 +2,23 @@
 
 Locations are relative to the root (``file:ab/<sample_id>.safetensors``) because a capture node
 and a trainer node can mount the same shared directory at different paths.
+
+A get of a big file reads each piece on the calling thread while one shared worker thread hashes
+the piece before it; ``FileFeatureStore.get_into`` reads into a buffer the caller recycles.
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import secrets
+import threading
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import xxhash
@@ -28,6 +36,150 @@ PREFIX = "file://"
 SUFFIX = ".safetensors"
 # Hash each piece right after it is read or written, while its bytes are still in cache.
 CHUNK = 2 << 20
+# Gets of files at least this big read piece i+1 on the calling thread while one worker thread
+# hashes piece i; below it the handoff costs more than it saves. Tests lower it.
+OVERLAP_MIN_BYTES = 8 << 20
+OVERLAP_CHUNK = 4 << 20
+
+
+class _Readable(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+_worker_lock = threading.Lock()
+_worker: ThreadPoolExecutor | None = None
+
+
+def _forget_worker_after_fork() -> None:
+    # A forked child has no copy of the worker thread; submitting to the parent's would hang.
+    global _worker, _worker_lock
+    _worker = None
+    _worker_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker_after_fork)
+
+
+def _hash_worker() -> ThreadPoolExecutor:
+    """The one long-lived thread that hashes while a get reads the next piece.
+
+    Concurrent gets share it; each get's ``_InOrder`` keeps its own pieces in file order. Both
+    ``readinto`` and xxh3's ``update`` release the GIL, so the two threads really run at once.
+    """
+    global _worker
+    worker = _worker
+    if worker is None:
+        with _worker_lock:
+            if _worker is None:
+                _worker = ThreadPoolExecutor(1, thread_name_prefix="featurestore-hash")
+            worker = _worker
+    return worker
+
+
+def _writable_view(buffer: object, nbytes: int) -> memoryview:
+    """The first ``nbytes`` of a caller's buffer as a flat byte view; ValueError if unusable."""
+    try:
+        view = memoryview(buffer)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            f"buffer must be a writable bytes-like object, not {type(buffer).__name__}"
+        ) from None
+    if view.readonly:
+        raise ValueError(f"buffer ({type(buffer).__name__}) is read-only")
+    if not view.c_contiguous:
+        raise ValueError("buffer must be C-contiguous")
+    if view.format != "B" or view.ndim != 1:
+        try:
+            view = view.cast("B")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"buffer cannot be viewed as bytes: {exc}") from None
+    if view.nbytes < nbytes:
+        raise ValueError(f"buffer holds {view.nbytes} bytes but the sample needs {nbytes}")
+    return view[:nbytes]
+
+
+def _read_single(file: _Readable, view: memoryview, uri: str) -> xxhash.xxh3_128:
+    """Read ``view`` full from ``file``, hashing each piece right after it lands."""
+    hasher = codec.new_hasher()
+    size = len(view)
+    done = 0
+    while done < size:
+        got = file.readinto(view[done : done + CHUNK])
+        if not got:
+            raise FeatureCorruptError(f"{uri}: file ended after {done} of {size} bytes")
+        hasher.update(view[done : done + got])
+        done += got
+    return hasher
+
+
+class _InOrder:
+    """The pieces of one overlapped read that are read but not yet hashed.
+
+    Whichever thread is free hashes the oldest one, under ``lock``, so the pieces reach the
+    streaming hasher in file order. After ``finish`` no thread touches the buffer again.
+    """
+
+    def __init__(self) -> None:
+        self.hasher = codec.new_hasher()
+        self.pieces: deque[memoryview] = deque()
+        self.lock = threading.Lock()  # held while a piece is hashed
+        self.error: BaseException | None = None
+
+    def hash_next(self, blocking: bool = True) -> bool:
+        """Hash the oldest waiting piece; False if none waits (or, not blocking, if busy)."""
+        if not self.lock.acquire(blocking):
+            return False
+        try:
+            if not self.pieces:
+                return False
+            self.hasher.update(self.pieces.popleft())
+            return True
+        finally:
+            self.lock.release()
+
+    def work(self) -> None:
+        """A worker step; it finds nothing to do if the reading thread got there first."""
+        try:
+            self.hash_next()
+        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+            self.error = self.error or exc
+
+    def finish(self) -> None:
+        """Drop what is left (after an error) and wait out the worker's piece in flight."""
+        self.pieces.clear()
+        with self.lock:
+            pass
+
+
+def _read_overlapped(file: _Readable, view: memoryview, uri: str) -> xxhash.xxh3_128:
+    """Like ``_read_single``, but the worker hashes piece i while piece i+1 is read.
+
+    If the worker falls behind (no free core), the reading thread hashes the oldest waiting
+    piece itself between reads rather than let it go cold, and at the end it hashes what is
+    left instead of waiting. Nothing touches ``view`` once this returns or raises.
+    """
+    size = len(view)
+    state = _InOrder()
+    worker = _hash_worker()
+    done = 0
+    try:
+        while done < size:
+            got = file.readinto(view[done : done + OVERLAP_CHUNK])
+            if not got:
+                raise FeatureCorruptError(f"{uri}: file ended after {done} of {size} bytes")
+            state.pieces.append(view[done : done + got])
+            done += got
+            worker.submit(state.work)
+            if len(state.pieces) > 1:  # the worker is behind: take one off its queue
+                state.hash_next(blocking=False)
+        while state.hash_next():
+            pass
+    finally:
+        state.finish()
+    if state.error is not None:
+        raise state.error
+    return state.hasher
 
 
 def _fsync_dir(path: Path) -> None:
@@ -184,8 +336,33 @@ class FileFeatureStore:
             return None
 
     def get(self, location: FeatureLocation) -> dict[str, torch.Tensor]:
-        """Read the file once into a fresh buffer, verify size and checksum, return views of it."""
+        """Read the file once into a fresh buffer, verify size and checksum, return views of it.
+
+        The caller owns the returned tensors and the buffer under them.
+        """
         self._check_open()
+        return self._read(location, None)
+
+    def get_into(
+        self, location: FeatureLocation, buffer: bytearray | memoryview | mmap.mmap
+    ) -> dict[str, torch.Tensor]:
+        """Like ``get``, but read into the first ``location.nbytes`` bytes of ``buffer``.
+
+        Only ``FileFeatureStore`` has this (not the ``FeatureStore`` protocol): a reader that
+        recycles one buffer per in-flight sample skips faulting in a fresh buffer's pages (a
+        quarter or more of a 64 MiB get). The returned tensors are views into ``buffer``:
+        they change or become garbage as soon as the caller reuses it, so copy or consume them
+        first. ``buffer`` must be writable, C-contiguous and at least ``location.nbytes`` long
+        (ValueError otherwise, before any I/O). If the get raises, ``buffer`` may hold part of the
+        file. A bytearray cannot be resized while the returned tensors are alive.
+        """
+        self._check_open()
+        view = _writable_view(buffer, location.nbytes)
+        return self._read(location, view)
+
+    def _read(
+        self, location: FeatureLocation, target: memoryview | None
+    ) -> dict[str, torch.Tensor]:
         path = self._resolve(location)
         codec.check_algorithm(location)
         try:
@@ -196,7 +373,6 @@ class FileFeatureStore:
             ) from None
         except OSError as exc:
             raise FeatureStoreError(f"cannot open {path}: {exc}") from exc
-        hasher = codec.new_hasher()
         with file:
             size = os.fstat(file.fileno()).st_size
             if size != location.nbytes:
@@ -204,17 +380,10 @@ class FileFeatureStore:
                     f"{location.uri}: {size} bytes on disk but the location says "
                     f"{location.nbytes} (truncated or overwritten)"
                 )
-            buf = codec.alloc_buffer(size)
+            buf = codec.alloc_buffer(size) if target is None else target
             with memoryview(buf) as view:
-                done = 0
-                while done < size:
-                    got = file.readinto(view[done : done + CHUNK])
-                    if not got:
-                        raise FeatureCorruptError(
-                            f"{location.uri}: file ended after {done} of {size} bytes"
-                        )
-                    hasher.update(view[done : done + got])
-                    done += got
+                read = _read_single if size < OVERLAP_MIN_BYTES else _read_overlapped
+                hasher = read(file, view, location.uri)
         codec.verify_checksum(codec.checksum_string(hasher), location)
         return codec.decode(buf, location)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import mmap
 import multiprocessing
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +25,8 @@ from specforge_common.featurestore import (
     FileFeatureStore,
     open_store,
 )
-from specforge_common.featurestore.codec import checksum, encode
+from specforge_common.featurestore import file as file_store
+from specforge_common.featurestore.codec import alloc_buffer, checksum, encode
 
 DTYPES = [
     torch.bfloat16,
@@ -341,6 +346,343 @@ def test_closed_store_refuses(store: FileFeatureStore) -> None:
         store.get(location)
     with pytest.raises(FeatureStoreError, match="closed"):
         store.put("d", {"x": torch.zeros(1)})
+
+
+# --- get_into: a caller's reusable buffer ------------------------------------------------
+
+
+def _mixed() -> dict[str, torch.Tensor]:
+    return {
+        "hidden_states": _tensor(torch.bfloat16, (2, 64, 32)),
+        "input_ids": torch.arange(64),
+        "loss_mask": _tensor(torch.bool, (64,)),
+    }
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: bytearray(n),
+        lambda n: bytearray(n + 100),  # longer than needed: only the first n bytes are used
+        lambda n: memoryview(bytearray(n + 3))[3:],  # a slice with an offset
+        lambda n: memoryview(bytearray(-(-n // 4) * 4)).cast("i"),  # not a byte format
+        lambda n: memoryview(bytearray(n)).cast("B", (1, n)),  # not one-dimensional
+        lambda n: alloc_buffer(n),
+        lambda n: mmap.mmap(-1, n),
+    ],
+    ids=["bytearray", "longer", "offset", "int-format", "2d", "alloc_buffer", "mmap"],
+)
+def test_get_into_equals_get_and_returns_views_of_the_buffer(
+    store: FileFeatureStore, make: Callable[[int], object]
+) -> None:
+    tensors = _mixed()
+    location = store.put("into", tensors)
+    buffer = make(location.nbytes)
+    out = store.get_into(location, buffer)  # type: ignore[arg-type]
+    plain = store.get(location)
+    assert list(out) == list(plain) == list(tensors)
+    for name, tensor in tensors.items():
+        assert out[name].dtype == tensor.dtype and torch.equal(out[name], tensor)
+        assert torch.equal(out[name], plain[name])
+    view = memoryview(buffer).cast("B")  # type: ignore[arg-type]
+    assert bytes(view[: location.nbytes]) == _path(store, location).read_bytes()
+    view[: location.nbytes] = bytes(location.nbytes)  # the caller reuses its buffer...
+    assert not out["input_ids"].any()  # ...and the tensors see it: they are views, not copies
+    assert torch.equal(plain["input_ids"], tensors["input_ids"])  # get's own buffer is apart
+
+
+def test_get_into_reused_buffer_holds_the_latest_sample(store: FileFeatureStore) -> None:
+    first = store.put("a", {"x": torch.zeros(256)})
+    second = store.put("b", {"x": torch.ones(256)})
+    buffer = bytearray(max(first.nbytes, second.nbytes))
+    assert torch.equal(store.get_into(first, buffer)["x"], torch.zeros(256))
+    out = store.get_into(second, buffer)
+    assert torch.equal(out["x"], torch.ones(256))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda n: bytearray(n - 1), "needs"),
+        (lambda n: bytes(n), "read-only"),
+        (lambda n: memoryview(bytearray(n)).toreadonly(), "read-only"),
+        (lambda n: memoryview(bytearray(2 * n))[::2], "contiguous"),
+        (lambda n: [0] * n, "bytes-like"),
+        (lambda n: None, "bytes-like"),
+    ],
+    ids=["too-small", "bytes", "read-only-view", "strided", "list", "none"],
+)
+def test_get_into_refuses_an_unusable_buffer_before_any_io(
+    store: FileFeatureStore, make: Callable[[int], object], match: str
+) -> None:
+    location = store.put("refused", {"x": torch.randn(16)})
+    missing = FeatureLocation(
+        uri="file:00/never.safetensors",
+        tensors=location.tensors,
+        nbytes=location.nbytes,
+        checksum=location.checksum,
+    )
+    for target in (location, missing):  # a buffer problem wins over a missing file
+        with pytest.raises(ValueError, match=match):
+            store.get_into(target, make(location.nbytes))  # type: ignore[arg-type]
+
+
+def test_get_into_detects_corruption(store: FileFeatureStore) -> None:
+    location = store.put("into-flip", {"x": torch.randn(64, 64)})
+    path = _path(store, location)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01
+    path.write_bytes(data)
+    with pytest.raises(FeatureCorruptError, match="checksum"):
+        store.get_into(location, bytearray(location.nbytes))
+
+
+def test_get_into_on_a_closed_store_refuses(store: FileFeatureStore) -> None:
+    location = store.put("closed-into", {"x": torch.zeros(1)})
+    store.close()
+    with pytest.raises(FeatureStoreError, match="closed"):
+        store.get_into(location, bytearray(location.nbytes))
+
+
+# --- overlapped reads: the worker hashes piece i while piece i+1 is read ------------------
+
+BIG = (1, 1536, 4096)  # 12 MiB of bf16: three overlapped pieces
+
+
+@pytest.fixture(scope="module")
+def big_tensors() -> dict[str, torch.Tensor]:
+    hidden = torch.randn(BIG, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    return {"hidden_states": hidden, "input_ids": torch.arange(1536)}
+
+
+class _Paths:
+    """Which read loop each get used."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.used: list[str] = []
+        for name in ("_read_single", "_read_overlapped"):
+            real = getattr(file_store, name)
+            monkeypatch.setattr(file_store, name, self._spy(name, real))
+
+    def _spy(self, name: str, real: Callable[..., object]) -> Callable[..., object]:
+        def spy(*args: object, **kwargs: object) -> object:
+            self.used.append(name)
+            return real(*args, **kwargs)
+
+        return spy
+
+
+@pytest.fixture
+def paths(monkeypatch: pytest.MonkeyPatch) -> _Paths:
+    return _Paths(monkeypatch)
+
+
+def _overlap(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    monkeypatch.setattr(file_store, "OVERLAP_MIN_BYTES", 8 << 20 if on else 1 << 62)
+
+
+def test_overlapped_get_equals_single_thread_get(
+    store: FileFeatureStore,
+    big_tensors: dict[str, torch.Tensor],
+    paths: _Paths,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    location = store.put("big", big_tensors)
+    assert location.nbytes > 12 << 20
+    _overlap(monkeypatch, False)
+    single = store.get(location)
+    _overlap(monkeypatch, True)
+    overlapped = store.get(location)
+    into = store.get_into(location, bytearray(location.nbytes))
+    assert paths.used == ["_read_single", "_read_overlapped", "_read_overlapped"]
+    for out in (single, overlapped, into):
+        for name, tensor in big_tensors.items():
+            assert torch.equal(out[name], tensor)
+
+
+@pytest.mark.parametrize("where", [0.0, 0.5, 1.0], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["single", "overlapped"])
+def test_big_flipped_byte_is_corrupt(
+    store: FileFeatureStore,
+    big_tensors: dict[str, torch.Tensor],
+    paths: _Paths,
+    monkeypatch: pytest.MonkeyPatch,
+    where: float,
+    overlap: bool,
+) -> None:
+    _overlap(monkeypatch, overlap)
+    location = store.put("big-flip", big_tensors)
+    path = _path(store, location)
+    data = bytearray(path.read_bytes())
+    data[min(int(len(data) * where), len(data) - 1)] ^= 0x10
+    path.write_bytes(data)
+    with pytest.raises(FeatureCorruptError, match="checksum"):
+        store.get(location)
+    with pytest.raises(FeatureCorruptError, match="checksum"):
+        store.get_into(location, bytearray(location.nbytes))
+    assert set(paths.used) == {"_read_overlapped" if overlap else "_read_single"}
+
+
+def test_big_truncated_file_is_corrupt(
+    store: FileFeatureStore,
+    big_tensors: dict[str, torch.Tensor],
+    paths: _Paths,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _overlap(monkeypatch, True)
+    location = store.put("big-trunc", big_tensors)
+    os.truncate(_path(store, location), location.nbytes // 2)
+    with pytest.raises(FeatureCorruptError, match="truncated"):
+        store.get(location)
+    with pytest.raises(FeatureCorruptError, match="truncated"):
+        store.get_into(location, bytearray(location.nbytes))
+
+
+@pytest.mark.parametrize("keep", [0, 1, 5 << 20, (12 << 20) - 1], ids=str)
+def test_file_ending_during_an_overlapped_read_is_corrupt(keep: int) -> None:
+    """The size was checked first, but the file can still shrink while it is read."""
+    size = 12 << 20
+    with (
+        memoryview(alloc_buffer(size)) as view,
+        pytest.raises(FeatureCorruptError, match=f"after {keep} of {size} bytes"),
+    ):
+        file_store._read_overlapped(io.BytesIO(os.urandom(keep)), view, "file:x")
+
+
+def test_overlapped_hash_is_the_file_checksum() -> None:
+    data = os.urandom((12 << 20) + 12345)
+    view = memoryview(alloc_buffer(len(data)))
+    hasher = file_store._read_overlapped(io.BytesIO(data), view, "file:x")
+    assert f"xxh3_128:{hasher.hexdigest()}" == checksum(data)
+    assert view == data
+
+
+class _StalledWorker:
+    """A worker that never gets a core: its steps run only after the get is over."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+
+    def submit(self, fn: Callable[..., object], *args: object) -> None:
+        self.steps.append((fn, args))
+
+
+class _EagerWorker:
+    """A worker that runs each step at once, before the next read."""
+
+    def submit(self, fn: Callable[..., object], *args: object) -> None:
+        fn(*args)
+
+
+class _ThreadWorker:
+    """A worker that runs each step at once, on a thread of its own."""
+
+    def submit(self, fn: Callable[..., object], *args: object) -> None:
+        thread = threading.Thread(target=fn, args=args)
+        thread.start()
+        thread.join()
+
+
+class _Unusable:
+    def update(self, data: object) -> None:
+        raise AssertionError("a late worker step touched a finished read")
+
+
+def test_overlapped_read_does_not_depend_on_the_worker_keeping_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = os.urandom((12 << 20) + 7)
+    stalled = _StalledWorker()
+    for worker in (stalled, _EagerWorker(), _ThreadWorker()):
+        monkeypatch.setattr(file_store, "_hash_worker", lambda worker=worker: worker)
+        with memoryview(alloc_buffer(len(data))) as view:
+            hasher = file_store._read_overlapped(io.BytesIO(data), view, "file:x")
+            assert f"xxh3_128:{hasher.hexdigest()}" == checksum(data)
+            assert view == data
+    assert stalled.steps
+    for fn, args in stalled.steps:  # late steps find nothing left to do
+        state = fn.__self__  # type: ignore[attr-defined]
+        state.hasher = _Unusable()
+        fn(*args)
+        assert state.error is None
+
+
+class _FailsOffTheMainThread:
+    def __init__(self) -> None:
+        self.hasher = xxhash.xxh3_128()
+
+    def update(self, data: object) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("hash failed on the worker")
+        self.hasher.update(data)  # type: ignore[arg-type]
+
+
+def test_worker_errors_reach_the_caller(
+    store: FileFeatureStore, big_tensors: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _overlap(monkeypatch, True)
+    location = store.put("big-fail", big_tensors)
+    monkeypatch.setattr(file_store, "_hash_worker", _ThreadWorker)
+    monkeypatch.setattr(file_store.codec, "new_hasher", _FailsOffTheMainThread)
+    with pytest.raises(RuntimeError, match="hash failed on the worker"):
+        store.get(location)
+
+
+def test_concurrent_overlapped_gets_share_the_worker(
+    store: FileFeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_store, "OVERLAP_MIN_BYTES", 0)
+    monkeypatch.setattr(file_store, "OVERLAP_CHUNK", 64 << 10)  # many pieces per get
+    samples = {
+        f"c{i}": {"x": torch.randn(1 << 16, generator=torch.Generator().manual_seed(i))}
+        for i in range(4)
+    }
+    locations = {sid: store.put(sid, tensors) for sid, tensors in samples.items()}
+    errors: list[BaseException] = []
+
+    def reader(sid: str) -> None:
+        try:
+            for _ in range(10):
+                assert torch.equal(store.get(locations[sid])["x"], samples[sid]["x"])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(sid,)) for sid in samples]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+
+
+def _get_in_child(uri: str, location: FeatureLocation, report: str) -> None:
+    torch.set_num_threads(1)
+    file_store.OVERLAP_MIN_BYTES = 0
+    store = open_store(uri)
+    out = store.get(location)
+    Path(report).write_text(str(int(out["x"].sum().item())))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork")
+def test_a_forked_child_gets_its_own_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_store, "OVERLAP_MIN_BYTES", 0)
+    uri = f"file://{tmp_path / 'features'}"
+    store = open_store(uri)
+    location = store.put("forked", {"x": torch.arange(1000)})
+    store.get(location)  # the parent's worker thread now exists
+    report = tmp_path / "child.txt"
+    child = multiprocessing.get_context("fork").Process(
+        target=_get_in_child, args=(uri, location, str(report))
+    )
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on the parent's worker thread")
+    assert child.exitcode == 0
+    assert report.read_text() == str(sum(range(1000)))
 
 
 # --- concurrent writers of one sample id --------------------------------------------------

@@ -1,10 +1,11 @@
-"""``specforge demo``: the data path end to end on embedded defaults, in one command.
+"""``specforge smoke``: the data path end to end without a model, in one command.
 
 Starts an embedded nats-server, creates a run, writes synthetic hidden states of a
 SmolLM2-135M-sized target (hidden 576, three aux layers + the final one) into a ``file://``
 store, publishes their SampleRefs, consumes and verifies every sample as a trainer would, and
 replays the samples log from sequence 1. It exercises the contracts, the bus and the store; the
-model-driven pipeline (capture -> trainer -> evaluator) builds on exactly this path.
+model-driven pipeline (``specforge run``) builds on exactly this path; use this to check a
+deployment's NATS and store quickly.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.workdir:
-        return asyncio.run(_demo(args, Path(args.workdir)))
-    with tempfile.TemporaryDirectory(prefix="specforge-demo-") as workdir:
-        return asyncio.run(_demo(args, Path(workdir)))
+        return asyncio.run(_smoke(args, Path(args.workdir)))
+    with tempfile.TemporaryDirectory(prefix="specforge-smoke-") as workdir:
+        return asyncio.run(_smoke(args, Path(workdir)))
 
 
-async def _demo(args: argparse.Namespace, workdir: Path) -> int:
+async def _smoke(args: argparse.Namespace, workdir: Path) -> int:
     import torch
 
     from ..bus import Bus, BusConfig
@@ -41,14 +42,14 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
     from ..log import get_logger
     from ..nats_server import NatsServer
 
-    run_id = f"demo-{int(time.time())}"
-    log = get_logger(command="demo", run=run_id)
+    run_id = f"smoke-{int(time.time())}"
+    log = get_logger(command="smoke", run=run_id)
     generator = torch.Generator().manual_seed(args.seed)
     store = open_store(f"file://{workdir / 'features'}")
 
     with NatsServer(store_dir=workdir / "jetstream") as server:
         log.info("embedded nats-server up", url=server.url)
-        async with await Bus.connect(BusConfig(servers=(server.url,), name="demo")) as bus:
+        async with await Bus.connect(BusConfig(servers=(server.url,), name="smoke")) as bus:
             subjects = await bus.ensure_streams(run_id)
             spec = await bus.put_run_spec(
                 RunSpec(
@@ -74,7 +75,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
                 location = store.put(sample_id, tensors)
                 nbytes += location.nbytes
                 ref = SampleRef(sample_id=sample_id, run_id=run_id, prompt_id=f"p{i}",
-                                split="train", producer="demo-capture", features=location,
+                                split="train", producer="smoke-capture", features=location,
                                 num_tokens=tokens, run_spec_hash=spec_hash)  # fmt: skip
                 published.append((subjects.samples("train"), ref, sample_id))
                 if len(published) == 50 or i == args.samples - 1:
@@ -82,13 +83,13 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
                     published = []
                     log.info("captured", samples=i + 1, of=args.samples, mib=nbytes >> 20)
             await bus.publish(subjects.samples("train"), EndOfSplit(
-                run_id=run_id, split="train", producer="demo-capture",
+                run_id=run_id, split="train", producer="smoke-capture",
                 samples_published=args.samples, run_spec_hash=spec_hash))  # fmt: skip
             capture_s = time.perf_counter() - started
 
             # Trainer side: consume, fetch and verify every sample, ack.
             consumer = await bus.work_consumer(
-                run_id, "samples", "demo-trainer", SampleRef | EndOfSplit, service="demo",
+                run_id, "samples", "smoke-trainer", SampleRef | EndOfSplit, service="smoke",
                 filter_subject=subjects.samples("train"),
             )  # fmt: skip
             started, seen, tokens_seen, done = time.perf_counter(), 0, 0, False
@@ -112,7 +113,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
                         if isinstance(rec, SampleRef)]  # fmt: skip
             in_order = replayed == sorted(replayed) and len(replayed) == args.samples
 
-    print(f"\ndemo run {run_id}")
+    print(f"\nsmoke run {run_id}")
     print(f"  samples captured   {args.samples} ({nbytes / 2**20:.1f} MiB of features, "
           f"{args.samples / capture_s:.0f} samples/s)")  # fmt: skip
     print(f"  samples consumed   {seen} ({tokens_seen} tokens, checksums verified, "

@@ -1,0 +1,175 @@
+"""The parts of ``specforge run`` that are not argument parsing: the spec, the child processes,
+and a watcher that reads progress from JetStream (the same view any other terminal has)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import tomllib
+
+from ..bus import Bus
+from ..config import ConfigError, build_run_spec
+from ..contracts import EvalResult, RunSpec, TrainerProgress
+from ..log import get_logger
+from ..subjects import progress_key
+
+log = get_logger(command="run")
+
+
+def build_spec(args: argparse.Namespace, run_id: str, workdir: Path) -> RunSpec:
+    """The config file (default: the packaged demo), then ``--set``; paths go under ``workdir``."""
+    if args.config:
+        try:
+            data = tomllib.loads(Path(args.config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read run config {args.config}: {exc}") from None
+    else:
+        text = resources.files("specforge_common.configs").joinpath("demo.toml").read_text()
+        data = tomllib.loads(text)
+    data["run_id"] = run_id
+    data.setdefault("store_uri", f"file://{workdir / 'features'}")
+    data.setdefault("output_dir", str(workdir.parent))
+    overrides = list(args.overrides)
+    target_given = "path" in data.get("target", {}) or any(
+        o.startswith("target.path=") for o in overrides
+    )
+    if not target_given:
+        from ..targets.smollm2 import prepare_smollm2
+
+        log.info("preparing the default target SmolLM2-135M-Instruct (once, ~30 s)")
+        data.setdefault("target", {})["path"] = str(prepare_smollm2())
+    return build_run_spec(data, overrides)
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    final_required: bool = True
+
+
+def spawn_services(
+    args: argparse.Namespace, run_id: str, log_dir: Path, env: dict[str, str]
+) -> list[Service]:
+    """Capture x N, trainer and evaluator as separate OS processes that exit when done."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 2
+    common = ["--run", run_id, "--nats", args.nats, "--device", args.device]
+    plan: list[tuple[str, list[str], int]] = [
+        (
+            f"capture-{i}",
+            ["capture", *common, "--exit-when-done", "--producer-id", f"capture-{i}"],
+            max(1, cores // 2),
+        )  # fmt: skip
+        for i in range(args.captures)
+    ]
+    plan.append(("trainer", ["train", *common], max(1, cores // 2)))
+    plan.append(("evaluator", ["evaluate", *common, "--exit-when-final"], 1))
+    services = []
+    for name, argv, threads in plan:
+        log_path = log_dir / f"{name}.log"
+        child_env = env | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        with open(log_path, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "specforge_common.cli", *argv],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env,
+            )  # fmt: skip
+        services.append(Service(name, process, log_path))
+        log.info("started", service=name, pid=process.pid, log=str(log_path))
+    return services
+
+
+@dataclass
+class RunWatcher:
+    bus: Bus
+    spec: RunSpec
+    services: list[Service]
+    poll_s: float = 2.0
+    evals: list[EvalResult] = field(default_factory=list)
+    progress: TrainerProgress | None = None
+    _last_line: str = ""
+
+    async def watch(self) -> bool:
+        """Print progress until every service exited; False (and stop the rest) on a failure."""
+        run = self.spec.run_id
+        while True:
+            failed = [s for s in self.services if s.process.poll() not in (None, 0)]
+            if failed:
+                for s in failed:
+                    log.error("service failed", service=s.name, code=s.process.returncode,
+                              log=str(s.log_path), tail=_tail(s.log_path))  # fmt: skip
+                self.stop()
+                return False
+            prompts = await self.bus.stream_depth(run, "prompts")
+            samples = await self.bus.stream_depth(run, "samples")
+            self.progress = await self.bus.get_record(progress_key(run, 0), TrainerProgress)
+            latest = await self.bus.last_record(run, "evals", EvalResult)
+            parts = [f"prompts left {prompts}", f"samples {samples}"]
+            if self.progress is not None:
+                p = self.progress
+                parts.append(f"step {p.step} ({p.samples_consumed} samples)")
+            if latest is not None:
+                sim = latest.simulated_acceptance_length
+                parts.append(f"eval@{latest.step} sim-accept-len {sim:.3f}" if sim is not None
+                             else f"eval@{latest.step}")  # fmt: skip
+            line = " | ".join(parts)
+            if line != self._last_line:
+                log.info(line)
+                self._last_line = line
+            if all(s.process.poll() == 0 for s in self.services):
+                self.evals = [r async for _, r in self.bus.records(run, "evals", EvalResult)]
+                return True
+            await asyncio.sleep(self.poll_s)
+
+    def stop(self) -> None:
+        for s in self.services:
+            if s.process.poll() is None:
+                s.process.terminate()
+        for s in self.services:
+            try:
+                s.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                s.process.kill()
+
+    def print_summary(self, workdir: Path) -> None:
+        spec = self.spec
+        lines = [f"\nrun {spec.run_id} (spec {spec.spec_hash()})", f"  target   {spec.target.path}"]
+        if self.progress is not None:
+            p = self.progress
+            lines.append(f"  trained  {p.step} optimizer steps on {p.samples_consumed} samples")
+        if self.evals:
+            lines.append("  evals    step  accuracy per draft position   simulated acceptance "
+                         "length (no bonus token)")  # fmt: skip
+            for r in self.evals:
+                accs = " ".join(f"{a:.3f}" for a in r.acceptance_rates)
+                sim = r.simulated_acceptance_length
+                lines.append(
+                    f"           {r.step:>4}  {accs:<28} {'-' if sim is None else f'{sim:.4f}'}"
+                )
+            before, after = (self.evals[0].simulated_acceptance_length,
+                             self.evals[-1].simulated_acceptance_length)  # fmt: skip
+            if before is not None and after is not None:
+                verdict = "better than" if after > before else "NOT better than"
+                lines.append(f"  the trained draft ({after:.4f}) is {verdict} the untrained one "
+                             f"({before:.4f})")  # fmt: skip
+        latest = Path(spec.output_dir) / spec.run_id / "checkpoints" / "latest"
+        if latest.exists():
+            draft_dir = latest.parent / latest.read_text().strip()
+            lines.append(f"  exported draft (SGLang layout): {draft_dir}")
+        lines.append(f"  logs     {workdir / 'logs'}")
+        print("\n".join(lines))
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

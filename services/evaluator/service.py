@@ -1,0 +1,434 @@
+"""The evaluator service: CheckpointEvents -> offline acceptance on the eval split -> EvalResults.
+
+Lifecycle of one ``Evaluator``:
+
+1. Read the EVAL split once: replay ``sf.<run>.samples.eval`` from sequence 1 (following, so it
+   waits while capture is still producing) until ``spec.eval.max_samples`` usable SampleRefs or
+   the ``EndOfSplit`` marker, whichever comes first, and fetch their tensors from the feature
+   store. They stay in host memory for the life of the process: the eval set is small by design
+   (``max_samples`` defaults to 64; ~64 x T x 4H floats), and every checkpoint is scored on
+   exactly the same samples. Refs stamped with another run-spec hash, duplicate sample ids and
+   samples whose tensors cannot be read or are malformed are skipped with a warning and counted.
+2. Load the target's ``lm_head`` and embedding once (only those two tensors, never the layers).
+3. Consume ``CheckpointEvent``s from the durable consumer ``"evaluator"`` on CHECKPOINTS, one at
+   a time. Per event: check run id and run-spec hash, verify the sha256 of
+   ``<checkpoint_uri>/model.safetensors``, ``load_draft``, compute the offline metrics (in a
+   worker thread while the event loop keeps the message's ack timer alive), publish the
+   ``EvalResult`` (``msg_id = eval:<run>:<step>``, so a redelivery after a crash publishes
+   nothing twice) and ack the event after the PubAck. An event that can never succeed (foreign
+   run, other spec, wrong sha, missing or malformed checkpoint) is dead-lettered with the reason;
+   the next one is still evaluated.
+
+With ``exit_when_final`` the loop returns after settling the event with ``final=True``.
+``stop()`` (SIGTERM) finishes the current checkpoint and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from contextlib import aclosing, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats.js.errors
+import torch
+from torch import Tensor
+
+from specforge_common.batch import SampleError, check_sample
+from specforge_common.bus import Bus, Delivery
+from specforge_common.contracts import (
+    CheckpointEvent,
+    ContractError,
+    EndOfSplit,
+    EvalResult,
+    RunSpec,
+    SampleRef,
+    decode,
+)
+from specforge_common.eagle3 import CheckpointError, Eagle3Metrics, load_draft
+from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.featurestore import FeatureStore, FeatureStoreError
+from specforge_common.log import get_logger
+from specforge_common.models.eagle3 import Eagle3Config
+from specforge_common.subjects import RunSubjects
+from specforge_common.targets import load_embedding, load_lm_head
+
+from .offline import evaluate_draft
+
+SERVICE = "evaluator"
+DURABLE = "evaluator"
+
+
+class Rejected(Exception):
+    """A CheckpointEvent that can never be evaluated; the message is the dead-letter reason."""
+
+
+@dataclass
+class EvalSet:
+    """The eval split in memory: stored tensors of each sample, in stream order."""
+
+    samples: list[dict[str, Tensor]] = field(default_factory=list)
+    sample_ids: list[str] = field(default_factory=list)
+    skipped: int = 0  # refs with another spec hash, duplicates, unreadable tensors
+    reached_end: bool = False  # the EndOfSplit marker was read (else max_samples was reached)
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(s["input_ids"].shape[0]) for s in self.samples)
+
+
+@dataclass
+class EvaluatorReport:
+    evaluated: list[int] = field(default_factory=list)  # steps with a published EvalResult
+    dead_lettered: list[int] = field(default_factory=list)  # steps of rejected events
+    final_step: int | None = None  # step of the final event, once settled
+    final_evaluated: bool = False
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_dir(uri: str) -> Path:
+    """The directory a ``checkpoint_uri`` names (an absolute path, optionally ``file://``)."""
+    return Path(uri.removeprefix("file://"))
+
+
+async def read_eval_split(
+    bus: Bus, spec: RunSpec, store: FeatureStore, *, progress_every: float = 10.0
+) -> EvalSet:
+    """Up to ``spec.eval.max_samples`` eval samples, stopping early at the EndOfSplit marker."""
+    log = get_logger(service=SERVICE, run=spec.run_id)
+    spec_hash = spec.spec_hash()
+    limit = spec.eval.max_samples
+    out = EvalSet()
+    seen: set[str] = set()
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(progress_every)
+            log.info(
+                "waiting for eval samples (capture still producing?)",
+                samples=len(out.samples),
+                target=limit,
+            )
+
+    reporter = asyncio.create_task(progress())
+    try:
+        if limit > 0:
+            replay = aclosing(bus.replay(spec.run_id, "eval", follow=True))
+            async with replay as records:  # unsubscribe as soon as we stop reading
+                async for _seq, record in records:
+                    if record.run_spec_hash != spec_hash:
+                        log.warning(
+                            "eval record from another run spec skipped",
+                            kind=type(record).__name__,
+                            record_spec=record.run_spec_hash,
+                            spec=spec_hash,
+                        )
+                        out.skipped += isinstance(record, SampleRef)
+                        continue
+                    if isinstance(record, EndOfSplit):
+                        out.reached_end = True
+                        break
+                    if record.sample_id in seen:
+                        out.skipped += 1
+                        continue
+                    try:
+                        tensors = store.get(record.features)
+                        check_sample(tensors)
+                    except (FeatureStoreError, SampleError) as exc:
+                        log.warning(
+                            "eval sample unreadable, skipped",
+                            sample_id=record.sample_id,
+                            error=str(exc),
+                        )
+                        out.skipped += 1
+                        continue
+                    seen.add(record.sample_id)
+                    out.samples.append(dict(tensors))
+                    out.sample_ids.append(record.sample_id)
+                    if len(out.samples) >= limit:
+                        break
+    finally:
+        reporter.cancel()
+        with suppress(asyncio.CancelledError):
+            await reporter
+    return out
+
+
+def eval_result_fields(metrics: Eagle3Metrics, eval_set: EvalSet) -> dict:
+    """``acceptance_rates``, ``simulated_acceptance_length`` and ``metrics`` of an EvalResult.
+
+    No supervised position at all (an empty eval split, or samples without loss tokens) gives
+    empty rates and no acceptance length: zeros would claim a measurement that was not made.
+    """
+    supervised = float(metrics.denom[0]) if metrics.denom.numel() else 0.0
+    base = {
+        "eval/samples": float(len(eval_set.samples)),
+        "eval/samples_skipped": float(eval_set.skipped),
+        "eval/tokens": float(eval_set.tokens),
+        "eval/supervised_positions": supervised,
+    }
+    if supervised == 0:
+        return {
+            "acceptance_rates": [],
+            "simulated_acceptance_length": None,
+            "metrics": base | {"eval/no_data": 1.0},
+        }
+    summary = {f"eval/{k}": float(v) for k, v in metrics.summary().items()}
+    return {
+        "acceptance_rates": metrics.accuracies(),
+        "simulated_acceptance_length": metrics.simulated_acceptance_length(),
+        "metrics": summary | base,
+    }
+
+
+class Evaluator:
+    """Scores every checkpoint of one run on the run's eval split (see the module docstring)."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        spec: RunSpec,
+        store: FeatureStore,
+        *,
+        target_dir: str | Path,
+        device: str | torch.device = "cpu",
+        exit_when_final: bool = False,
+        fetch_timeout: float = 1.0,
+    ) -> None:
+        self.bus = bus
+        self.spec = spec
+        self.store = store
+        self.target_dir = Path(target_dir)
+        self.device = torch.device(device)
+        self.exit_when_final = exit_when_final
+        self.fetch_timeout = fetch_timeout
+        self.run_id = spec.run_id
+        self.spec_hash = spec.spec_hash()
+        self.subjects = RunSubjects(self.run_id)
+        self.log = get_logger(service=SERVICE, run=self.run_id)
+        self.eval_set: EvalSet | None = None
+        self.target_head: Tensor | None = None
+        self.embedding: Tensor | None = None
+        self.report = EvaluatorReport()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finish the checkpoint in hand, then return from ``run`` (SIGTERM handler)."""
+        self._stop.set()
+
+    async def prepare(self) -> None:
+        """Read the eval split and the target tensors (``run`` calls it if not done)."""
+        started = time.perf_counter()
+        self.eval_set = await read_eval_split(self.bus, self.spec, self.store)
+        head = load_lm_head(self.target_dir)
+        # CPU: fp32 (low-precision matmuls are very slow there); GPU: the stored dtype.
+        head_dtype = torch.float32 if self.device.type == "cpu" else head.dtype
+        self.target_head = head.to(device=self.device, dtype=head_dtype)
+        self.embedding = load_embedding(self.target_dir)
+        es = self.eval_set
+        self.log.info(
+            "eval split loaded",
+            samples=len(es.samples),
+            tokens=es.tokens,
+            skipped=es.skipped,
+            reached_end=es.reached_end,
+            max_samples=self.spec.eval.max_samples,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        if not es.samples:
+            self.log.warning(
+                "the eval split has no samples: EvalResults will carry no acceptance rates"
+            )
+
+    async def run(self) -> EvaluatorReport:
+        if self.eval_set is None:
+            prepared = asyncio.create_task(self.prepare())
+            stopped = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({prepared, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not prepared.done():
+                prepared.cancel()
+                with suppress(asyncio.CancelledError):
+                    await prepared
+                self.log.info("stopped before the eval split was read")
+                return self.report
+            prepared.result()
+        consumer = await self.bus.work_consumer(
+            self.run_id, "checkpoints", DURABLE, CheckpointEvent, service=SERVICE
+        )
+        self.log.info("consuming checkpoint events", durable=DURABLE)
+        try:
+            if self.exit_when_final and await self._final_already_settled():
+                self.log.info("the final checkpoint was already evaluated; nothing to do")
+                return self.report
+            while not self._stop.is_set():
+                for delivery in await consumer.fetch(batch=1, timeout=self.fetch_timeout):
+                    final = await self.handle(delivery)
+                    if final and self.exit_when_final:
+                        self.log.info(
+                            "final checkpoint settled; exiting",
+                            step=self.report.final_step,
+                            evaluated=self.report.final_evaluated,
+                        )
+                        return self.report
+        finally:
+            await consumer.close()
+        self.log.info("stopped", evaluated=len(self.report.evaluated))
+        return self.report
+
+    async def handle(self, delivery: Delivery[CheckpointEvent]) -> bool:
+        """Evaluate (or dead-letter) one event; returns whether it was the final checkpoint."""
+        event = delivery.record
+        try:
+            result = await self._with_heartbeat(delivery, self._evaluate(event))
+        except Rejected as exc:
+            self.log.error(
+                "checkpoint event dead-lettered",
+                step=event.step,
+                uri=event.checkpoint_uri,
+                reason=str(exc),
+            )
+            await delivery.dead_letter(str(exc), SERVICE)
+            self.report.dead_lettered.append(event.step)
+        else:
+            await self.bus.publish(
+                self.subjects.evals, result, msg_id=f"eval:{self.run_id}:{event.step}"
+            )
+            await delivery.ack_sync()
+            self.report.evaluated.append(event.step)
+            if event.final:
+                self.report.final_evaluated = True
+        if event.final:
+            self.report.final_step = event.step
+        return event.final
+
+    async def _with_heartbeat(self, delivery: Delivery, work):
+        """Run ``work`` while telling the server every ack_wait/3 that the event is in hand."""
+        interval = max(self.bus.config.ack_wait_s / 3, 0.5)
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await delivery.in_progress()
+                except Exception as exc:  # a lost heartbeat only risks a redelivery
+                    self.log.warning("in-progress ack failed", error=repr(exc))
+
+        beater = asyncio.create_task(beat())
+        try:
+            return await work
+        finally:
+            beater.cancel()
+            with suppress(asyncio.CancelledError):
+                await beater
+
+    def _check_fits(self, config: Eagle3Config, directory: Path) -> None:
+        """Refuse a draft built for another target before running it on this one's features."""
+        assert self.eval_set is not None and self.target_head is not None
+        if config.vocab_size != self.target_head.shape[0]:
+            raise Rejected(
+                f"checkpoint {directory} has a target vocabulary of "
+                f"{config.vocab_size} but the target's lm_head has "
+                f"{self.target_head.shape[0]} rows"
+            )
+        if self.eval_set.samples:
+            aux_dim = self.eval_set.samples[0]["aux_hidden_states"].shape[-1]
+            if 3 * config.aux_hidden_size != aux_dim:
+                raise Rejected(
+                    f"checkpoint {directory} expects aux features of width "
+                    f"{3 * config.aux_hidden_size} but the captured ones have "
+                    f"{aux_dim}"
+                )
+
+    async def _final_already_settled(self) -> bool:
+        """Whether the stream's last CheckpointEvent is final and the consumer acked past it
+        (a restarted ``exit_when_final`` evaluator has nothing left to wait for)."""
+        stream = self.subjects.stream("checkpoints")
+        try:
+            last = await self.bus.js.get_msg(stream, subject=self.subjects.checkpoints)
+        except nats.js.errors.NotFoundError:
+            return False
+        try:
+            event = decode(last.data, CheckpointEvent, subject=self.subjects.checkpoints)
+        except ContractError:
+            return False
+        info = await self.bus.js.consumer_info(stream, DURABLE)
+        return event.final and (info.ack_floor.stream_seq or 0) >= (last.seq or 0)
+
+    async def _evaluate(self, event: CheckpointEvent) -> EvalResult:
+        assert self.eval_set is not None and self.target_head is not None
+        if event.run_id != self.run_id:
+            raise Rejected(
+                f"event is for run {event.run_id!r}, this evaluator serves {self.run_id!r}"
+            )
+        if event.run_spec_hash != self.spec_hash:
+            raise Rejected(
+                f"event was produced under run spec {event.run_spec_hash}, the run's "
+                f"spec is {self.spec_hash}"
+            )
+        started = time.perf_counter()
+        directory = checkpoint_dir(event.checkpoint_uri)
+        weights = directory / WEIGHTS_NAME
+        try:
+            sha = await asyncio.to_thread(sha256_file, weights)
+        except FileNotFoundError:
+            raise Rejected(
+                f"checkpoint file {weights} does not exist (deleted by rotation, "
+                "or not on a filesystem this evaluator sees)"
+            ) from None
+        except OSError as exc:
+            raise Rejected(f"cannot read checkpoint file {weights}: {exc}") from exc
+        if sha != event.checkpoint_sha256:
+            raise Rejected(
+                f"sha256 of {weights} is {sha} but the event says "
+                f"{event.checkpoint_sha256}; the checkpoint was modified or "
+                "replaced after it was announced"
+            )
+        try:
+            draft = await asyncio.to_thread(
+                load_draft, directory, embedding=self.embedding, device=self.device
+            )
+        except (CheckpointError, ValueError) as exc:
+            raise Rejected(f"cannot load checkpoint {directory}: {exc}") from exc
+        self._check_fits(draft.config, directory)
+        loaded = time.perf_counter()
+        metrics = await asyncio.to_thread(
+            evaluate_draft,
+            draft,
+            self.target_head,
+            self.eval_set.samples,
+            ttt_length=self.spec.train.ttt_length,
+            batch_size=self.spec.eval.batch_size,
+            attention=self.spec.train.attention,
+        )
+        del draft
+        done = time.perf_counter()
+        wall = {"load": loaded - started, "offline": done - loaded}
+        fields = eval_result_fields(metrics, self.eval_set)
+        result = EvalResult(
+            run_id=self.run_id,
+            step=event.step,
+            checkpoint_sha256=sha,
+            wall_seconds=wall,
+            run_spec_hash=self.spec_hash,
+            **fields,
+        )
+        self.log.info(
+            "checkpoint evaluated",
+            step=event.step,
+            final=event.final,
+            acc=[round(a, 4) for a in result.acceptance_rates],
+            simulated_acceptance_length=result.simulated_acceptance_length,
+            samples=len(self.eval_set.samples),
+            wall_s=round(done - started, 3),
+        )
+        return result

@@ -1,0 +1,93 @@
+"""``specforge train --run R``: the trainer service, samples -> draft -> checkpoints.
+
+Reads everything it needs from the bus (run spec, enqueue summary, samples log) and trains to
+the end of the data, then prints the final draft directory and exits 0. SIGTERM / SIGINT write
+a checkpoint at the current step and exit 0 too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from specforge_common.cli import add_bus_arguments, bus_config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run id")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to train (auto: cuda when present); bf16 autocast on cuda only",
+    )
+    parser.add_argument(
+        "--spec-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the run spec to appear on the bus before giving up",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    add_bus_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from specforge_common.log import configure_logging
+
+    configure_logging("json")
+    return asyncio.run(_train(args))
+
+
+async def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from specforge_common.bus import Bus, BusError
+    from specforge_common.log import bind_context, get_logger
+
+    from .loop import Trainer, TrainerError
+
+    bind_context(service="trainer", run=args.run)
+    log = get_logger()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        bus = await Bus.connect(bus_config_from_args(args, f"specforge-trainer-{args.run}"))
+    except BusError as exc:
+        print(f"specforge train: {exc}", file=sys.stderr)
+        return 1
+    async with bus:
+        try:
+            trainer = Trainer(bus, args.run, device=device, spec_timeout=args.spec_timeout)
+        except TrainerError as exc:
+            print(f"specforge train: {exc}", file=sys.stderr)
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, trainer.request_stop)
+        try:
+            result = await trainer.run()
+        except TrainerError as exc:
+            log.error("trainer cannot run", error=str(exc))
+            print(f"specforge train: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    if result.stopped:
+        last = result.last_checkpoint
+        print(f"stopped at step {result.step}; checkpoint: {last.path if last else None}")
+    else:
+        assert result.final is not None
+        print(f"final draft: {result.final.path}")
+    print(
+        f"steps {result.step}  samples {result.samples_consumed}  "
+        f"samples/s {result.samples_per_s:.2f}  data wait {result.data_wait_fraction:.1%}"
+    )
+    return 0

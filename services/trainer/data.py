@@ -1,0 +1,327 @@
+"""Training data: the samples log of a run, read in stream order, as right-padded batches.
+
+``SampleStream`` replays ``sf.<run>.samples.train`` from a start sequence and follows it while
+capture is still producing, skips ``SampleRef``s stamped with another run-spec hash, fetches each
+sample's tensors from the feature store in worker threads a few samples ahead of the trainer,
+and stops at the ``EndOfSplit`` marker. Later epochs replay from sequence 1 up to the marker (the
+features must still be in the store). A sample whose tensors are missing, corrupt or malformed
+is dead-lettered with the reason and skipped; the rest of the run goes on.
+
+``BatchReader`` groups samples into batches of ``batch_size`` (never across an epoch boundary;
+the last, partial batch of an epoch is used) and looks one sample ahead, so a batch knows whether
+it is the last one of the run. ``collate`` right-pads a batch into a ``TrainBatch``.
+
+The time the trainer spends blocked on bus or store is accumulated in ``StreamStats.wait_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from specforge_common.batch import FEATURE_KEYS, SampleError, TrainBatch, check_sample, collate
+from specforge_common.bus import Bus
+from specforge_common.contracts import DeadLetter, EndOfSplit, SampleRef, Split, encode
+from specforge_common.featurestore import FeatureStore, FeatureStoreError
+from specforge_common.featurestore.errors import FeatureCorruptError, FeatureMissingError
+from specforge_common.log import get_logger
+from specforge_common.subjects import RunSubjects
+
+__all__ = [
+    "FEATURE_KEYS",
+    "BatchReader",
+    "SampleError",
+    "SampleStream",
+    "StreamBatch",
+    "StreamSample",
+    "StreamStats",
+    "check_sample",
+    "collate",
+]
+
+FETCH_RETRIES = 2  # extra attempts for store errors other than missing / corrupt (I/O hiccups)
+FETCH_RETRY_DELAY_S = 0.5
+WAIT_LOG_EVERY_S = 30.0  # a trainer waiting on capture says so this often
+
+
+@dataclass
+class StreamSample:
+    seq: int  # samples-stream sequence of its SampleRef
+    epoch: int
+    ref: SampleRef
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tensors["input_ids"].shape[0])
+
+
+@dataclass
+class StreamStats:
+    samples: int = 0  # yielded to the trainer
+    skipped_foreign: int = 0  # SampleRefs / markers stamped with another run-spec hash
+    dead_lettered: int = 0  # features missing, corrupt or malformed
+    wait_s: float = 0.0  # time the consumer was blocked on bus or store
+    end_sequence: int | None = None  # sequence of the EndOfSplit marker
+    epochs_done: int = 0
+
+
+@dataclass
+class _Pending:
+    seq: int
+    epoch: int
+    ref: SampleRef
+    future: asyncio.Future[dict[str, torch.Tensor]]
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+_END = object()
+
+
+class SampleStream:
+    """Samples of one split in stream order, ``epochs`` times, prefetched; see the module doc.
+
+    Use as ``async with SampleStream(...) as stream: while (s := await stream.next()): ...``.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: FeatureStore,
+        run_id: str,
+        *,
+        spec_hash: str,
+        epochs: int = 1,
+        start_seq: int = 1,
+        split: Split = "train",
+        prefetch: int = 8,
+        fetch_threads: int = 2,
+        aux_size: int | None = None,
+        hidden_size: int | None = None,
+        service: str = "trainer",
+    ) -> None:
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        self.bus, self.store, self.run_id, self.spec_hash = bus, store, run_id, spec_hash
+        self.epochs, self.start_seq, self.split = epochs, start_seq, split
+        self.prefetch = max(1, prefetch)
+        self.aux_size, self.hidden_size, self.service = aux_size, hidden_size, service
+        self.subjects = RunSubjects(run_id)
+        self.stats = StreamStats()
+        self.log = get_logger(service=service, run=run_id, component="sample-stream")
+        self._fetch_threads = max(1, fetch_threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._queue: asyncio.Queue[Any] | None = None
+        self._producer: asyncio.Task[None] | None = None
+        self._finished = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._producer is not None:
+            return
+        self._pool = ThreadPoolExecutor(self._fetch_threads, thread_name_prefix="sample-fetch")
+        self._queue = asyncio.Queue(maxsize=self.prefetch)
+        self._producer = asyncio.create_task(self._produce(), name=f"sample-stream-{self.run_id}")
+
+    async def close(self) -> None:
+        if self._producer is not None and not self._producer.done():
+            self._producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._producer
+        if self._queue is not None:
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if isinstance(item, _Pending):
+                    item.future.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    async def __aenter__(self) -> SampleStream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __aiter__(self) -> SampleStream:
+        return self
+
+    async def __anext__(self) -> StreamSample:
+        sample = await self.next()
+        if sample is None:
+            raise StopAsyncIteration
+        return sample
+
+    # --- consumer side ---------------------------------------------------------------------
+
+    async def next(self) -> StreamSample | None:
+        """The next good sample, or None once the marker of the last epoch was passed."""
+        if self._finished:
+            return None
+        await self.start()
+        assert self._queue is not None
+        started = time.perf_counter()
+        try:
+            while True:
+                if not self._queue.empty():  # the usual case: prefetched, no task switch
+                    item = self._queue.get_nowait()
+                else:
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), WAIT_LOG_EVERY_S)
+                    except asyncio.TimeoutError:
+                        self.log.info("waiting for samples", split=self.split,
+                                      waited_s=round(time.perf_counter() - started, 1))  # fmt: skip
+                        continue
+                if item is _END:
+                    self._finished = True
+                    return None
+                if isinstance(item, _Failed):
+                    self._finished = True
+                    raise item.error
+                try:
+                    tensors = item.future.result() if item.future.done() else await item.future
+                except (FeatureStoreError, SampleError) as exc:
+                    await self._dead_letter(item, exc)
+                    continue
+                self.stats.samples += 1
+                return StreamSample(item.seq, item.epoch, item.ref, tensors)
+        finally:
+            self.stats.wait_s += time.perf_counter() - started
+
+    async def _dead_letter(self, item: _Pending, exc: BaseException) -> None:
+        self.stats.dead_lettered += 1
+        subject = self.subjects.samples(self.split)
+        reason = f"{type(exc).__name__}: {exc}"
+        self.log.error("sample unusable, dead-lettered and skipped", sample_id=item.ref.sample_id,
+                       seq=item.seq, epoch=item.epoch, reason=reason)  # fmt: skip
+        letter = DeadLetter(
+            subject=subject, reason=reason, payload=encode(item.ref), service=self.service,
+            run_id=self.run_id, stream_sequence=item.seq,
+        )  # fmt: skip
+        await self.bus.publish(self.subjects.dlq, letter, msg_id=f"dlq:{subject}:{item.seq}")
+
+    # --- producer side ---------------------------------------------------------------------
+
+    def _fetch(self, ref: SampleRef) -> dict[str, torch.Tensor]:
+        """Runs in a worker thread: read and validate one sample's tensors."""
+        for attempt in range(FETCH_RETRIES + 1):
+            try:
+                tensors = self.store.get(ref.features)
+                break
+            except (FeatureMissingError, FeatureCorruptError):
+                raise
+            except FeatureStoreError:
+                if attempt == FETCH_RETRIES:
+                    raise
+                time.sleep(FETCH_RETRY_DELAY_S * (attempt + 1))
+        check_sample(tensors, aux_size=self.aux_size, hidden_size=self.hidden_size)
+        return tensors
+
+    async def _produce(self) -> None:
+        assert self._queue is not None
+        try:
+            start = self.start_seq
+            for epoch in range(self.epochs):
+                await self._replay_epoch(epoch, start)
+                self.stats.epochs_done = epoch + 1
+                start = 1
+            await self._queue.put(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            await self._queue.put(_Failed(exc))
+
+    async def _replay_epoch(self, epoch: int, start: int) -> None:
+        assert self._queue is not None and self._pool is not None
+        loop = asyncio.get_running_loop()
+        self.log.info("reading samples", split=self.split, epoch=epoch, start_seq=start)
+        replay = self.bus.replay(self.run_id, self.split, start, follow=True)
+        async with contextlib.aclosing(replay) as records:
+            async for seq, record in records:
+                if record.run_spec_hash != self.spec_hash:
+                    self.stats.skipped_foreign += 1
+                    self.log.warning(
+                        "skipping a record of another run spec", seq=seq,
+                        kind=type(record).__name__, record_spec_hash=record.run_spec_hash,
+                        spec_hash=self.spec_hash,
+                        sample_id=getattr(record, "sample_id", None),
+                    )  # fmt: skip
+                    continue
+                if isinstance(record, EndOfSplit):
+                    if self.stats.end_sequence is None:
+                        self.stats.end_sequence = seq
+                    self.log.info("end of split", split=self.split, epoch=epoch, seq=seq,
+                                  samples_published=record.samples_published)  # fmt: skip
+                    return
+                if self.stats.end_sequence is not None and seq > self.stats.end_sequence:
+                    return  # never past the first marker in later epochs
+                future = loop.run_in_executor(self._pool, self._fetch, record)
+                await self._queue.put(_Pending(seq, epoch, record, future))
+        raise RuntimeError(f"replay of {self.run_id}/{self.split} ended without an EndOfSplit")
+
+
+@dataclass
+class StreamBatch:
+    """Consecutive samples of one epoch; ``last`` when no sample follows it in the run."""
+
+    samples: list[StreamSample]
+    last: bool = False
+    _batch: TrainBatch | None = field(default=None, repr=False)
+
+    @property
+    def epoch(self) -> int:
+        return self.samples[0].epoch
+
+    @property
+    def last_sequence(self) -> int:
+        return self.samples[-1].seq
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.samples)
+
+    def collate(self) -> TrainBatch:
+        if self._batch is None:
+            self._batch = collate([s.tensors for s in self.samples])
+        return self._batch
+
+
+class BatchReader:
+    """Batches of ``batch_size`` from a ``SampleStream``, one sample of look-ahead."""
+
+    def __init__(self, stream: SampleStream, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.stream, self.batch_size = stream, batch_size
+        self._peeked: StreamSample | None = None
+
+    async def next(self) -> StreamBatch | None:
+        first = self._peeked or await self.stream.next()
+        self._peeked = None
+        if first is None:
+            return None
+        samples = [first]
+        while True:
+            following = await self.stream.next()
+            if following is None:
+                return StreamBatch(samples, last=True)
+            if following.epoch != first.epoch or len(samples) == self.batch_size:
+                self._peeked = following
+                return StreamBatch(samples)
+            samples.append(following)

@@ -1,0 +1,479 @@
+"""The trainer: a run's train samples -> EAGLE-3 draft updates -> checkpoints and events.
+
+Setup reads everything from the bus and the store (run spec, enqueue summary, vocab map) and the
+target directory (config, ``lm_head``, embedding), so a trainer needs nothing but a run id. The
+loop runs the compute (collate, forward, backward, optimizer step) in a worker thread, so the
+event loop keeps reading the samples log, prefetching features and talking to NATS meanwhile.
+
+Per optimizer step (``global_step`` counts them): ``accumulation_steps`` micro-batches, each
+loss divided by it (a trailing partial window is rescaled to a full one), global grad-norm
+clipping at ``max_grad_norm`` (the pre-clip norm is logged), AdamW, and the LR of
+``schedule.lr_at``. Every ``log_every`` steps: a JSON log line, ``TrainerProgress`` in the KV
+bucket. Checkpoints: step 0 (untrained), every ``checkpoint_every`` steps, a final one at the
+end of data; each is announced with a ``CheckpointEvent``. ``request_stop()`` (SIGTERM) writes a
+checkpoint at the current step and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import torch
+
+from specforge_common.bus import Bus, BusError
+from specforge_common.contracts import (
+    CheckpointEvent,
+    EnqueueSummary,
+    EvalResult,
+    RunSpec,
+    TrainerProgress,
+)
+from specforge_common.eagle3 import Eagle3Metrics, VocabMap, apply_vocab_map, load_draft
+from specforge_common.featurestore import FeatureStore, open_store
+from specforge_common.log import get_logger
+from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
+from specforge_common.registry import DRAFT_ARCHITECTURES, STRATEGIES
+from specforge_common.subjects import RunSubjects, enqueue_key, progress_key
+from specforge_common.targets import load_embedding, load_lm_head, resolve_aux_layer_ids
+
+from .checkpoints import CheckpointManager, SavedCheckpoint, checkpoints_root
+from .data import BatchReader, SampleStream, StreamBatch
+from .schedule import LRSchedule, total_optimizer_steps
+
+__all__ = ["TrainResult", "Trainer", "TrainerError", "build_draft", "load_vocab_map"]
+
+SERVICE = "trainer"
+WAIT_LOG_EVERY_S = 30.0
+
+
+class TrainerError(RuntimeError):
+    """The trainer cannot start or go on (missing spec, inconsistent inputs); says why."""
+
+
+def load_vocab_map(store: FeatureStore, summary: EnqueueSummary, vocab_size: int,
+                   draft_vocab_size: int) -> VocabMap:  # fmt: skip
+    """The run's draft vocab map from the store, checked against the summary's hash."""
+    if summary.vocab_map is None:
+        if draft_vocab_size == vocab_size:
+            return VocabMap.identity(vocab_size)
+        raise TrainerError(
+            f"the enqueue summary of run {summary.run_id} has no vocab map but the draft vocab "
+            f"({draft_vocab_size}) is smaller than the target's ({vocab_size})"
+        )
+    tensors = store.get(summary.vocab_map)
+    vocab_map = VocabMap(d2t=tensors["d2t"], t2d=tensors["t2d"])
+    vocab_map.validate()
+    if summary.vocab_map_hash and vocab_map.hash() != summary.vocab_map_hash:
+        raise TrainerError(
+            f"vocab map in the store hashes to {vocab_map.hash()} but the enqueue summary says "
+            f"{summary.vocab_map_hash}; the store copy was modified"
+        )
+    if (vocab_map.target_vocab_size, vocab_map.draft_vocab_size) != (vocab_size, draft_vocab_size):
+        raise TrainerError(
+            f"vocab map is V={vocab_map.target_vocab_size}, V_d={vocab_map.draft_vocab_size} but "
+            f"the target has V={vocab_size} and the spec asks V_d={draft_vocab_size}"
+        )
+    return vocab_map
+
+
+def _target_config(target_dir: str | Path) -> dict[str, Any]:
+    path = Path(target_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainerError(f"target {target_dir} has no config.json") from None
+
+
+def build_draft(spec: RunSpec, vocab_map: VocabMap, embedding: torch.Tensor) -> Eagle3Draft:
+    """The fp32 draft a run starts from: seeded fresh init, or ``spec.draft.init_from``."""
+    target_config = _target_config(spec.target.path)
+    text = target_config.get("text_config", target_config)
+    aux = resolve_aux_layer_ids(spec.draft.aux_layer_ids, None, int(text["num_hidden_layers"]))
+    if spec.draft.init_from:
+        draft = load_draft(spec.draft.init_from, embedding=embedding, vocab_map=vocab_map,
+                           dtype=torch.float32)  # fmt: skip
+        config = draft.config
+        if config.aux_layer_ids is not None and tuple(config.aux_layer_ids) != tuple(aux):
+            raise TrainerError(
+                f"warm-start draft {spec.draft.init_from} was trained on aux layers "
+                f"{list(config.aux_layer_ids)} but this run captures {list(aux)}"
+            )
+        if config.aux_hidden_size != int(text["hidden_size"]):
+            raise TrainerError(
+                f"warm-start draft takes target hidden size {config.aux_hidden_size}, the target "
+                f"has {text['hidden_size']}"
+            )
+    else:
+        cls = DRAFT_ARCHITECTURES.get(spec.draft.architecture)
+        config_cls = getattr(cls, "config_class", Eagle3Config)
+        config = config_cls.from_target(target_config, draft_vocab_size=spec.draft.draft_vocab_size,
+                                        aux_layer_ids=aux, **spec.draft.config)  # fmt: skip
+        with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG left alone
+            torch.manual_seed(spec.seed)
+            draft = cls(config)
+        with torch.no_grad():
+            draft.embed_tokens.weight.copy_(embedding)
+        apply_vocab_map(draft, vocab_map)
+    draft.embed_tokens.weight.requires_grad_(False)
+    return draft.float()
+
+
+@dataclass
+class _Window:
+    """What accumulates between two log lines."""
+
+    metrics: Eagle3Metrics
+    samples: int = 0
+    tokens: int = 0
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    samples_consumed: int
+    last_sequence: int
+    stopped: bool  # stopped by request_stop() before the end of data
+    final: SavedCheckpoint | None  # the final checkpoint (None when stopped)
+    checkpoints: list[SavedCheckpoint]
+    history: list[dict[str, float]]  # every logged entry
+    samples_per_s: float
+    tokens_per_s: float
+    data_wait_fraction: float
+    stream: dict[str, Any]
+
+    @property
+    def last_checkpoint(self) -> SavedCheckpoint | None:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+
+class Trainer:
+    def __init__(
+        self,
+        bus: Bus,
+        run_id: str,
+        *,
+        device: str = "cpu",
+        rank: int = 0,
+        spec_timeout: float = 60.0,
+        summary_timeout: float | None = None,
+        prefetch: int | None = None,
+        fetch_threads: int = 2,
+    ) -> None:
+        self.bus, self.run_id, self.rank = bus, run_id, rank
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainerError("--device cuda was asked for but torch sees no CUDA device")
+        self.spec_timeout, self.summary_timeout = spec_timeout, summary_timeout
+        self.prefetch, self.fetch_threads = prefetch, fetch_threads
+        self.subjects = RunSubjects(run_id)
+        self.log = get_logger(service=SERVICE, run=run_id, rank=rank)
+        self._stop = asyncio.Event()
+        self._ready = False
+
+    def request_stop(self) -> None:
+        """Checkpoint at the current step and return from ``run`` (signal-handler safe)."""
+        if not self._stop.is_set():
+            self.log.warning("stop requested: checkpointing at the current step")
+        self._stop.set()
+
+    # --- setup -----------------------------------------------------------------------------
+
+    async def _wait_record(self, key: str, record_type: Any, what: str, timeout: float | None):
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            remaining = WAIT_LOG_EVERY_S if deadline is None else deadline - loop.time()
+            chunk = max(0.0, min(WAIT_LOG_EVERY_S, remaining))
+            try:
+                return await self.bus.wait_for_record(key, record_type, timeout=chunk, poll=0.25)
+            except BusError:
+                if deadline is not None and loop.time() >= deadline:
+                    raise TrainerError(
+                        f"no {what} for run {self.run_id!r} after {timeout:g}s (KV key {key!r}); "
+                        "start the run (specforge enqueue) or check --run"
+                    ) from None
+                self.log.info(f"waiting for the {what}", key=key)
+
+    async def setup(self) -> None:
+        if self._ready:
+            return
+        spec: RunSpec = await self._wait_record(self.run_id, RunSpec, "run spec", self.spec_timeout)
+        self.spec, self.spec_hash = spec, spec.spec_hash()
+        self.log = self.log.bind(spec_hash=self.spec_hash)
+        summary: EnqueueSummary = await self._wait_record(
+            enqueue_key(self.run_id), EnqueueSummary, "enqueue summary", self.summary_timeout
+        )
+        if summary.run_spec_hash != self.spec_hash:
+            raise TrainerError(
+                f"the enqueue summary was written under spec {summary.run_spec_hash}, the run's "
+                f"spec is {self.spec_hash}"
+            )
+        self.summary = summary
+        self.store = open_store(spec.store_uri)
+        target_config = _target_config(spec.target.path)
+        text = target_config.get("text_config", target_config)
+        vocab_size, self.target_hidden = int(text["vocab_size"]), int(text["hidden_size"])
+
+        loop = asyncio.get_running_loop()
+        self.vocab_map = await loop.run_in_executor(
+            None, load_vocab_map, self.store, summary, vocab_size, spec.draft.draft_vocab_size
+        )
+        embedding = await loop.run_in_executor(None, load_embedding, spec.target.path)
+        head = await loop.run_in_executor(None, load_lm_head, spec.target.path)
+        draft = await loop.run_in_executor(None, build_draft, spec, self.vocab_map, embedding)
+        if self.device.type == "cpu" and head.dtype not in (torch.float32, torch.float64):
+            head = head.float()  # low-precision matmuls are far slower than fp32 on CPUs
+        self.draft = draft.to(self.device)
+        self.head = head.to(self.device)
+        strategy_cls = STRATEGIES.get(spec.draft.strategy)
+        self.strategy = strategy_cls(self.draft, self.head, ttt_length=spec.train.ttt_length,
+                                     attention=spec.train.attention)  # fmt: skip
+        train = spec.train
+        self.params = [p for p in self.draft.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=train.learning_rate, betas=(0.9, 0.999),
+                                           eps=1e-8, weight_decay=train.weight_decay)  # fmt: skip
+        self.total_steps = total_optimizer_steps(train, summary.train)
+        self.schedule = LRSchedule.from_train_spec(train, self.total_steps)
+        self.checkpoints = CheckpointManager(
+            checkpoints_root(spec.output_dir, self.run_id), keep_last=train.keep_last
+        )
+        self._ready = True
+        self.log.info(
+            "trainer ready", device=str(self.device), target=spec.target.path,
+            draft_params=sum(p.numel() for p in self.params), train_samples=summary.train,
+            total_steps=self.total_steps, warmup_steps=self.schedule.warmup,
+            vocab_map_hash=self.vocab_map.hash(), checkpoints=str(self.checkpoints.root),
+            warm_start=spec.draft.init_from or None,
+        )  # fmt: skip
+
+    # --- compute (worker thread) -----------------------------------------------------------
+
+    def _forward_backward(self, batch: StreamBatch) -> Eagle3Metrics:
+        train_batch = batch.collate().to(self.device)
+        cuda = self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            out = self.strategy(train_batch)
+        (out.loss / self.spec.train.accumulation_steps).backward()
+        return out.metrics
+
+    def _optimizer_step(self, micro_batches: int, step: int) -> tuple[float, float]:
+        accumulation = self.spec.train.accumulation_steps
+        if micro_batches != accumulation:  # trailing partial window: average over what it had
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(accumulation / micro_batches)
+        max_norm = self.spec.train.max_grad_norm
+        norm = float(torch.nn.utils.clip_grad_norm_(
+            self.params, max_norm if max_norm > 0 else math.inf))  # fmt: skip
+        lr = self.schedule(step)
+        if math.isfinite(norm):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        else:
+            self.log.warning("non-finite gradient norm: update skipped", step=step, grad_norm=norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, lr
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def _next_batch(self, reader: BatchReader) -> StreamBatch | None:
+        """The next batch, or None at end of data or when a stop was requested meanwhile."""
+        if self._stop.is_set():
+            return None
+        fetch = asyncio.ensure_future(reader.next())
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if fetch.done():
+            return fetch.result()
+        fetch.cancel()
+        try:
+            await fetch
+        except asyncio.CancelledError:
+            pass
+        return None
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "rank": self.rank,
+            "samples_consumed": self.samples_consumed,
+            "last_sequence": self.last_sequence,
+            "epoch": self.epoch,
+            "total_steps": self.total_steps,
+            "vocab_map_hash": self.vocab_map.hash(),
+            "run_spec_hash": self.spec_hash,
+            "metrics": self.latest_metrics,
+            "train_spec": msgspec.to_builtins(self.spec.train),
+            "created_at": time.time(),
+        }
+
+    async def _checkpoint(self, *, final: bool) -> SavedCheckpoint:
+        step = self.global_step
+        unevaluated: set[int] = set()
+        if self.spec.train.keep_unevaluated:  # the evaluator may lag behind the trainer
+            runs = self.bus.records(self.run_id, "evals", EvalResult)
+            evaluated = {r.step async for _, r in runs}
+            unevaluated = set(self.checkpoints.step_dirs()) - evaluated
+        saved = await asyncio.to_thread(
+            self.checkpoints.save, self.draft, step, self._state(), final=final,
+            protect=unevaluated,
+        )  # fmt: skip
+        event = CheckpointEvent(
+            run_id=self.run_id, step=step, final=final, samples_consumed=self.samples_consumed,
+            last_sequence={self.rank: self.last_sequence}, checkpoint_uri=str(saved.path),
+            checkpoint_sha256=saved.sha256, metrics=dict(self.latest_metrics),
+            run_spec_hash=self.spec_hash,
+        )  # fmt: skip
+        msg_id = f"ckpt:{self.run_id}:{step}"
+        await self.bus.publish(self.subjects.checkpoints, event, msg_id=msg_id)
+        self.saved.append(saved)
+        self._checkpointed_step = step
+        return saved
+
+    async def _progress(self, *, done: bool) -> None:
+        record = TrainerProgress(run_id=self.run_id, rank=self.rank, step=self.global_step,
+                                 samples_consumed=self.samples_consumed,
+                                 last_sequence=self.last_sequence, done=done,
+                                 run_spec_hash=self.spec_hash)  # fmt: skip
+        await self.bus.put_record(progress_key(self.run_id, self.rank), record)
+
+    def _log_window(self, window: _Window, grad_norm: float, lr: float) -> dict[str, float]:
+        wall = max(time.perf_counter() - window.started, 1e-9)
+        busy = window.compute_s + window.wait_s
+        summary = window.metrics.summary()
+        K = self.spec.train.ttt_length
+        entry: dict[str, float] = {
+            "step": float(self.global_step),
+            "epoch": float(self.epoch),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "loss": summary["loss"],
+            **{f"acc_{k}": summary[f"acc_{k}"] for k in range(K)},
+            "acc": summary["acc"],
+            "simulated_acc_len": summary["simulated_acc_len"],
+            "samples_per_s": window.samples / wall,
+            "tokens_per_s": window.tokens / wall,
+            "data_wait": window.wait_s / busy if busy > 0 else 0.0,
+        }
+        self.log.info("train", **{k: (int(v) if k in ("step", "epoch") else round(v, 6))
+                                  for k, v in entry.items()})  # fmt: skip
+        self.history.append(entry)
+        self.latest_metrics = entry
+        return entry
+
+    async def run(self) -> TrainResult:
+        await self.setup()
+        train = self.spec.train
+        self.global_step, self.samples_consumed, self.last_sequence, self.epoch = 0, 0, 0, 0
+        self.history: list[dict[str, float]] = []
+        self.latest_metrics: dict[str, float] = {}
+        self.saved: list[SavedCheckpoint] = []
+        self._checkpointed_step = -1
+        prefetch = self.prefetch or max(4, 2 * train.batch_size)
+        stream = SampleStream(
+            self.bus, self.store, self.run_id, spec_hash=self.spec_hash, epochs=train.epochs,
+            prefetch=prefetch, fetch_threads=self.fetch_threads,
+            aux_size=3 * self.target_hidden, hidden_size=self.target_hidden, service=SERVICE,
+        )  # fmt: skip
+        reader = BatchReader(stream, train.batch_size)
+        capped = train.total_steps is not None
+        final: SavedCheckpoint | None = None
+        started = time.perf_counter()
+        total_compute = 0.0
+        tokens_total = 0
+        async with stream:
+            batch = await self._next_batch(reader)
+            ended = batch is None and not self._stop.is_set()
+            await self._checkpoint(final=ended)  # step 0; final too when there is no data
+            window = _Window(Eagle3Metrics.zeros(train.ttt_length))
+            wait_mark = stream.stats.wait_s
+            micro = pending_samples = 0
+            grad_norm, lr = float("nan"), self.schedule(0)
+            while batch is not None:
+                t0 = time.perf_counter()
+                metrics = await asyncio.to_thread(self._forward_backward, batch)
+                micro += 1
+                window.metrics = window.metrics + metrics
+                window.samples += batch.num_samples
+                window.tokens += batch.num_tokens
+                tokens_total += batch.num_tokens
+                pending_samples += batch.num_samples
+                stepped = micro == train.accumulation_steps or batch.last
+                if stepped:
+                    grad_norm, lr = await asyncio.to_thread(
+                        self._optimizer_step, micro, self.global_step
+                    )
+                    micro = 0
+                    self.global_step += 1
+                    # Position = what the weights have seen: a dropped partial window is not.
+                    self.samples_consumed += pending_samples
+                    self.last_sequence, self.epoch = batch.last_sequence, batch.epoch
+                    pending_samples = 0
+                elapsed = time.perf_counter() - t0
+                window.compute_s += elapsed
+                total_compute += elapsed
+                if stepped:
+                    ended = batch.last or (capped and self.global_step >= self.total_steps)
+                    if self.global_step % train.log_every == 0 or ended:
+                        window.wait_s = stream.stats.wait_s - wait_mark
+                        self._log_window(window, grad_norm, lr)
+                        await self._progress(done=False)
+                        window = _Window(Eagle3Metrics.zeros(train.ttt_length))
+                        wait_mark = stream.stats.wait_s
+                    if ended:
+                        break
+                    if self.global_step % train.checkpoint_every == 0:
+                        await self._checkpoint(final=False)
+                if self._stop.is_set():
+                    break
+                batch = await self._next_batch(reader)
+                ended = batch is None and not self._stop.is_set()
+            stopped = not ended
+            if stopped:
+                if window.samples:  # steps since the last log line (a partial window is dropped)
+                    window.wait_s = stream.stats.wait_s - wait_mark
+                    self._log_window(window, grad_norm, lr)
+                if self._checkpointed_step != self.global_step:
+                    await self._checkpoint(final=False)
+            elif self.global_step == 0:
+                final = self.saved[-1]  # no data at all: the step-0 checkpoint is the final one
+            else:
+                final = await self._checkpoint(final=True)
+            await self._progress(done=not stopped)
+        wall = max(time.perf_counter() - started, 1e-9)
+        busy = total_compute + stream.stats.wait_s
+        result = TrainResult(
+            step=self.global_step, samples_consumed=self.samples_consumed,
+            last_sequence=self.last_sequence, stopped=stopped, final=final,
+            checkpoints=list(self.saved), history=self.history,
+            samples_per_s=self.samples_consumed / wall, tokens_per_s=tokens_total / wall,
+            data_wait_fraction=stream.stats.wait_s / busy if busy > 0 else 0.0,
+            stream=dataclasses.asdict(stream.stats),
+        )  # fmt: skip
+        self.log.info(
+            "training stopped" if stopped else "training done", step=self.global_step,
+            samples=self.samples_consumed, last_sequence=self.last_sequence,
+            samples_per_s=round(result.samples_per_s, 3),
+            tokens_per_s=round(result.tokens_per_s, 1),
+            data_wait=round(result.data_wait_fraction, 4),
+            skipped_foreign=stream.stats.skipped_foreign,
+            dead_lettered=stream.stats.dead_lettered,
+            final=str(final.path) if final else None,
+            checkpoint=str(self.saved[-1].path) if self.saved else None,
+        )  # fmt: skip
+        return result

@@ -1,0 +1,66 @@
+"""Static checks of deploy/: no docker engine runs here, so the files are parsed and every
+command they run is checked against the real CLI parser."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+
+from specforge_common.cli import build_parser
+from specforge_common.config import build_run_spec
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ROOT = DEPLOY.parent
+
+
+def parse_cli(argv: list[str]) -> None:
+    parser, _ = build_parser()
+    parser.parse_args(argv)  # SystemExit(2) on an unknown command or flag
+
+
+def test_compose_services_run_real_commands_and_bind_loopback() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"nats", "capture", "trainer", "evaluator", "enqueue"} <= set(services)
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+        if service.get("image") != "specforge:dev":
+            continue
+        argv = [re.sub(r"\$\{RUN:-demo\}", "demo", a) for a in service["command"]]
+        parse_cli(argv)
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
+
+
+def test_compose_run_config_is_a_valid_run_spec() -> None:
+    data = tomllib.loads((DEPLOY / "compose-run.toml").read_text())
+    spec = build_run_spec(data | {"run_id": "demo"}, [], {})
+    assert spec.store_uri == "file:///runs/features"
+
+
+def test_dockerfile_pins_the_same_torch_and_copies_what_exists() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pin = re.search(r'"torch==([^"]+)"', pyproject).group(1)
+    assert f"torch=={pin}" in dockerfile
+    for source in re.findall(r"^COPY (\S+)", dockerfile, flags=re.M):
+        assert (ROOT / source).exists(), source
+    assert 'ENTRYPOINT ["specforge"]' in dockerfile
+    assert re.search(r"^USER (?!root)", dockerfile, flags=re.M), "image must not run as root"
+
+
+@pytest.mark.parametrize("unit", sorted(p.name for p in (DEPLOY / "systemd").glob("*.service")))
+def test_systemd_units_run_real_commands(unit: str) -> None:
+    text = (DEPLOY / "systemd" / unit).read_text()
+    exec_start = re.search(r"^ExecStart=(.+)$", text, flags=re.M).group(1)
+    argv = shlex.split(exec_start.replace("%i", "my-run"))
+    assert argv[0].endswith("/specforge")
+    parse_cli(argv[1:])

@@ -1,0 +1,130 @@
+"""Test helpers shared by service tests: a tiny run spec and a run whose capture already happened.
+
+``seed_captured_run`` does what enqueue + capture do, directly with the library (tiny target,
+real store, real bus), so trainer and evaluator tests do not depend on the capture service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specforge_common.bus import Bus
+from specforge_common.contracts import (
+    DraftSpec,
+    EndOfSplit,
+    EnqueueSummary,
+    RunSpec,
+    SampleRef,
+    TargetSpec,
+    TrainSpec,
+)
+from specforge_common.eagle3.vocab import TokenCounter, build_vocab_map
+from specforge_common.featurestore import open_store
+from specforge_common.subjects import enqueue_key
+
+
+def tiny_run_spec(
+    run_id: str, target_dir: Path, workdir: Path, *, draft_vocab_size: int = 128, **over: Any
+) -> RunSpec:
+    """A RunSpec for a tiny target: fast on CPU, file store and checkpoints under ``workdir``."""
+    fields: dict[str, Any] = dict(
+        run_id=run_id,
+        target=TargetSpec(path=str(target_dir)),
+        draft=DraftSpec(draft_vocab_size=draft_vocab_size),
+        train=TrainSpec(
+            learning_rate=3e-3,
+            ttt_length=3,
+            warmup_ratio=0.0,
+            checkpoint_every=4,
+            log_every=1,
+            batch_size=2,
+        ),  # fmt: skip
+        max_length=64,
+        store_uri=f"file://{workdir / 'features'}",
+        output_dir=str(workdir / "runs"),
+    )
+    return RunSpec(**(fields | over))
+
+
+def sample_id_for(run_id: str, prompt_id: str, spec_hash: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in prompt_id)[:64]
+    digest = hashlib.sha256(f"{run_id}:{prompt_id}:{spec_hash}".encode()).hexdigest()[:16]
+    return f"{safe}-{digest}"
+
+
+async def seed_captured_run(
+    bus: Bus,
+    spec: RunSpec,
+    *,
+    n_train: int = 8,
+    n_eval: int = 4,
+    min_len: int = 12,
+    max_len: int = 24,
+    seed: int = 0,
+) -> dict[str, list[SampleRef]]:
+    """Store the spec, capture random prompts with the tiny target, publish everything a real
+    enqueue + capture would (SampleRefs, vocab map, EnqueueSummary, EndOfSplit markers)."""
+    from specforge_common.targets import HFTargetEngine
+
+    subjects = await bus.ensure_streams(spec.run_id)
+    await bus.put_run_spec(spec)
+    spec_hash = spec.spec_hash()
+    engine = HFTargetEngine.from_pretrained(
+        spec.target.path, aux_layer_ids=spec.draft.aux_layer_ids
+    )
+    store = open_store(spec.store_uri)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.info.vocab_size
+    counter = TokenCounter()
+    refs: dict[str, list[SampleRef]] = {"train": [], "eval": []}
+    for i in range(n_train + n_eval):
+        split = "train" if i < n_train else "eval"
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
+        input_ids = torch.randint(0, vocab, (length,), generator=gen)
+        loss_mask = torch.zeros(length, dtype=torch.int64)
+        loss_mask[length // 3 :] = 1  # the "assistant" part
+        out = engine.capture(input_ids[None], torch.ones(1, length, dtype=torch.int64))
+        prompt_id = f"p{i}"
+        sample_id = sample_id_for(spec.run_id, prompt_id, spec_hash)
+        location = store.put(sample_id, {
+            "input_ids": input_ids, "loss_mask": loss_mask,
+            "aux_hidden_states": out.aux_hidden_states[0].clone(),
+            "hidden_states": out.hidden_states[0].clone(),
+        })  # fmt: skip
+        ref = SampleRef(sample_id=sample_id, run_id=spec.run_id, prompt_id=prompt_id, split=split,
+                        producer="seed", features=location, num_tokens=length,
+                        run_spec_hash=spec_hash)  # fmt: skip
+        await bus.publish(subjects.samples(split), ref, msg_id=sample_id)
+        refs[split].append(ref)
+        if split == "train":
+            counter.update(input_ids, loss_mask)
+    vocab_map = build_vocab_map(counter.counts, vocab, spec.draft.draft_vocab_size)
+    vocab_location = store.put(
+        f"{spec.run_id}-vocab-map", {"d2t": vocab_map.d2t, "t2d": vocab_map.t2d}
+    )
+    summary = EnqueueSummary(
+        run_id=spec.run_id,
+        sources=["seed"],
+        train=n_train,
+        eval=n_eval,
+        skipped=0,
+        vocab_map=vocab_location,
+        vocab_map_hash=vocab_map.hash(),
+        tokens_counted=counter.num_tokens,
+        run_spec_hash=spec_hash,
+    )
+    await bus.put_record(enqueue_key(spec.run_id), summary, create_only=True)
+    for split in ("train", "eval"):
+        marker = EndOfSplit(
+            run_id=spec.run_id,
+            split=split,
+            producer="seed",
+            samples_published=len(refs[split]),
+            run_spec_hash=spec_hash,
+        )
+        await bus.publish(subjects.samples(split), marker, msg_id=f"end:{spec.run_id}:{split}")
+    return refs

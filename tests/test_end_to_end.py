@@ -1,0 +1,118 @@
+"""The product end to end: `specforge run` starts capture x2, trainer and evaluator as separate
+OS processes against a real nats-server; the test then reads what they left on the bus and disk.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from specforge_common.bus import Bus
+from specforge_common.contracts import CheckpointEvent, EndOfSplit, EvalResult
+from specforge_common.eagle3.checkpoint import load_draft
+from specforge_common.featurestore import open_store
+from specforge_common.targets.head import load_embedding, load_lm_head
+from specforge_common.targets.tiny import make_tiny_target
+from specforge_evaluator.offline import evaluate_draft
+from tests.support import sample_id_for
+
+WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
+
+
+def write_dataset(path: Path, n: int) -> list[str]:
+    """Conversations with a learnable pattern: the assistant repeats the user's words in order."""
+    ids = []
+    with path.open("w") as out:
+        for i in range(n):
+            words = [WORDS[(i + j) % len(WORDS)] for j in range(6)]
+            record = {"id": f"conv-{i}", "conversations": [
+                {"role": "user", "content": "repeat: " + " ".join(words)},
+                {"role": "assistant", "content": " ".join(words) + " " + " ".join(words)},
+            ]}  # fmt: skip
+            out.write(json.dumps(record) + "\n")
+            ids.append(f"conv-{i}")
+    return ids
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_target(tmp_path_factory.mktemp("target") / "tiny", arch="llama", seed=0)
+
+
+async def test_specforge_run_end_to_end(
+    tmp_path: Path, tiny_target: Path, nats_server, bus: Bus, run_id: str
+) -> None:
+    data = tmp_path / "conversations.jsonl"
+    prompt_ids = write_dataset(data, 40)
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+max_length = 64
+eval_fraction = 0.25
+[target]
+path = "{tiny_target}"
+[draft]
+draft_vocab_size = 128
+[train]
+ttt_length = 3
+learning_rate = 3e-3
+warmup_ratio = 0.0
+batch_size = 2
+epochs = 4
+checkpoint_every = 8
+log_every = 2
+[capture]
+batch_size = 4
+[eval]
+max_samples = 10
+""")
+    command = [sys.executable, "-m", "specforge_common.cli", "run", "--config", str(config),
+               "--run", run_id, "--source", str(data), "--limit", "100",
+               "--workdir", str(tmp_path / "work"), "--captures", "2",
+               "--no-embedded", "--nats", nats_server.url]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    spec = await bus.get_run_spec(run_id)
+    assert spec is not None
+
+    # Every prompt became exactly one SampleRef, with the deterministic id.
+    refs = {"train": [], "eval": []}
+    for split in refs:
+        async for _, record in bus.replay(run_id, split):
+            if not isinstance(record, EndOfSplit):
+                refs[split].append(record)
+    all_refs = refs["train"] + refs["eval"]
+    assert sorted(r.prompt_id for r in all_refs) == sorted(prompt_ids)
+    assert {r.sample_id for r in all_refs} == {
+        sample_id_for(run_id, p, spec.spec_hash()) for p in prompt_ids
+    }
+    assert refs["eval"], "the eval split should not be empty"
+    assert {r.producer for r in all_refs} <= {"capture-0", "capture-1"}
+    assert await bus.stream_depth(run_id, "prompts") == 0
+
+    # Every checkpoint got an EvalResult; training helped on the held-out split.
+    checkpoints = [r async for _, r in bus.records(run_id, "checkpoints", CheckpointEvent)]
+    evals = {r.step: r async for _, r in bus.records(run_id, "evals", EvalResult)}
+    assert [c.step for c in checkpoints][0] == 0 and checkpoints[-1].final
+    assert sorted(evals) == sorted(c.step for c in checkpoints)
+    first, last = evals[0], evals[checkpoints[-1].step]
+    assert last.metrics["eval/loss"] < first.metrics["eval/loss"]
+    assert last.simulated_acceptance_length > first.simulated_acceptance_length
+
+    # The exported drafts load back in the SGLang layout, and the training loss on the train
+    # samples (same data, same batching) is lower at the end than at the start.
+    embedding, head = load_embedding(tiny_target), load_lm_head(tiny_target)
+    store = open_store(spec.store_uri)
+    train_samples = [store.get(r.features) for r in refs["train"]]
+    losses = []
+    for event in (checkpoints[0], checkpoints[-1]):
+        draft = load_draft(event.checkpoint_uri, embedding=embedding)
+        assert draft.config.draft_vocab_size == 128
+        metrics = evaluate_draft(draft, head, train_samples, ttt_length=3, batch_size=2)
+        losses.append(metrics.summary()["loss"])
+    assert losses[1] < losses[0]
+    assert "exported draft" in done.stdout

@@ -43,7 +43,7 @@ def build_spec(args: argparse.Namespace, run_id: str, workdir: Path) -> RunSpec:
     if not target_given:
         from ..targets.smollm2 import prepare_smollm2
 
-        log.info("preparing the default target SmolLM2-135M-Instruct (once, ~30 s)")
+        log.info("default target SmolLM2-135M-Instruct (converted from its GGUF once, ~30 s)")
         data.setdefault("target", {})["path"] = str(prepare_smollm2())
     return build_run_spec(data, overrides)
 

@@ -89,6 +89,8 @@ class Eagle3Config:
         """The spec's auto-generated draft config: the target's shape, one layer."""
         text = target_config.get("text_config", target_config)  # VLM wrappers nest it
         copied = {k: text[k] for k in TARGET_CONFIG_FIELDS if text.get(k) is not None}
+        if text.get("rope_parameters"):  # transformers 5 keeps rope_theta/scaling in here
+            copied["rope_parameters"] = text["rope_parameters"]
         copied.setdefault("pad_token_id", 0)
         merged = copied | {"draft_vocab_size": draft_vocab_size} | overrides
         if aux_layer_ids is not None:

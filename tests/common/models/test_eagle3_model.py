@@ -38,6 +38,15 @@ def test_config_from_target_copies_the_spec_fields() -> None:
     assert Eagle3Config.from_dict(out) == config
 
 
+def test_transformers5_rope_parameters_are_copied_from_the_target() -> None:
+    target = {k: v for k, v in LLAMA_31_8B.items() if k not in ("rope_theta", "rope_scaling")}
+    target["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "default"}
+    config = Eagle3Config.from_target(target)
+    assert config.rope_theta == 100000.0 and config.rope_scaling is None
+    scaled = dict(target, rope_parameters={"rope_theta": 5e5, **LLAMA_31_8B["rope_scaling"]})
+    assert Eagle3Config.from_target(scaled).rope_scaling["rope_type"] == "llama3"
+
+
 def test_legacy_rope_scaling_type_is_written_as_rope_type() -> None:
     config = Eagle3Config.from_target(
         {**LLAMA_31_8B, "rope_scaling": {"type": "linear", "factor": 2.0}}

@@ -1,0 +1,328 @@
+"""End to end on a tiny target: capture samples/s, trainer samples/s and the trainer's data wait.
+
+One embedded nats-server, a ``file://`` feature store and a seeded tiny Llama target (hidden
+128, 8 layers, 4/2 heads, MLP 256, vocab 512), all in a temp dir. Each run is published the way
+enqueue does it, without a dataset: the RunSpec, ``N_PROMPTS`` pre-tokenized PromptTasks (random
+ids, 64-128 tokens, loss mask on the last 2/3, every ``EVAL_EVERY``-th one in the eval split),
+then the draft vocab map (from the train split's loss-masked tokens) and the ``EnqueueSummary``.
+
+- capture: ``CaptureWorker(..., exit_when_done=True).run()`` in this process, alone, timed from
+  start to exit (the target is loaded before the clock starts);
+- (a) ready data: ``Trainer(bus, run).run()`` in this process after that capture finished, so
+  every sample is already in the store: the trainer's own rate and its data-wait fraction;
+- (b) coupled: a second run whose capture is a subprocess (``specforge capture --exit-when-done
+  --threads 1``) while the trainer runs here with 1 torch thread. Both in one event loop would
+  not be representative (capture's forwards and the trainer's steps fight for one GIL and one
+  loop), so they are two processes, one core each. The trainer's clock starts once the first
+  SampleRef is in the stream, so the capture process's import/load time is not counted as wait.
+
+The samples/s and data wait are the trainer's own ``TrainResult`` (wall from its first fetch to
+its final checkpoint, which includes the step-0 and final checkpoints; wait = time blocked in
+the sample stream / (compute + wait)).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.report import BenchReport
+from specforge_common.bus import Bus, BusConfig
+from specforge_common.contracts import (
+    DraftSpec,
+    EnqueueSummary,
+    EvalSpec,
+    PromptTask,
+    RunSpec,
+    SampleRef,
+    TargetSpec,
+    TrainSpec,
+)
+from specforge_common.featurestore import open_store
+from specforge_common.log import configure_logging
+from specforge_common.nats_server import NatsServer
+from specforge_common.subjects import RunSubjects, enqueue_key
+
+N_PROMPTS = 200
+EVAL_EVERY = 25  # every 25th prompt goes to the eval split: 192 train, 8 eval
+MIN_LEN, MAX_LEN = 64, 128
+THREADS_ALONE = 2  # torch threads when capture or trainer has the machine to itself
+THREADS_COUPLED = 1  # torch threads of each process in the coupled run (2 cores, 2 processes)
+GOAL_BUSY = 0.95  # 1 - data-wait fraction with ready data
+TARGET = dict(
+    vocab_size=512,
+    hidden_size=128,
+    num_layers=8,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=256,
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _spec(run_id: str, target_dir: Path, work: Path) -> RunSpec:
+    return RunSpec(
+        run_id=run_id,
+        target=TargetSpec(path=str(target_dir)),
+        draft=DraftSpec(draft_vocab_size=256),
+        train=TrainSpec(
+            learning_rate=3e-3,
+            ttt_length=3,
+            warmup_ratio=0.0,
+            batch_size=4,
+            epochs=1,
+            checkpoint_every=100_000,  # only the step-0 and the final checkpoint
+            log_every=10,
+        ),
+        eval=EvalSpec(max_samples=8),
+        max_length=128,
+        store_uri=f"file://{work / 'features'}",
+        output_dir=str(work / "runs"),
+    )
+
+
+async def _publish_run(bus: Bus, spec: RunSpec, seed: int) -> int:
+    """What enqueue does: spec, prompt tasks, vocab map, summary. Returns the prompt tokens."""
+    from specforge_common.eagle3.vocab import TokenCounter, build_vocab_map
+
+    run = spec.run_id
+    subjects: RunSubjects = await bus.ensure_streams(run)
+    await bus.put_run_spec(spec)
+    spec_hash = spec.spec_hash()
+    rng = random.Random(seed)
+    vocab = TARGET["vocab_size"]
+    counter = TokenCounter()
+    tasks: list[PromptTask] = []
+    splits = {"train": 0, "eval": 0}
+    tokens = 0
+    for i in range(N_PROMPTS):
+        split = "eval" if i % EVAL_EVERY == EVAL_EVERY - 1 else "train"
+        length = rng.randint(MIN_LEN, MAX_LEN)
+        ids = [rng.randrange(3, vocab) for _ in range(length)]  # no special tokens
+        mask = [0] * (length // 3) + [1] * (length - length // 3)  # the "assistant" part
+        tasks.append(
+            PromptTask(
+                run_id=run,
+                prompt_id=f"p{i:04d}",
+                split=split,
+                input_ids=ids,
+                loss_mask=mask,
+                loss_mask_policy="given",
+                run_spec_hash=spec_hash,
+            )
+        )
+        splits[split] += 1
+        tokens += length
+        if split == "train":
+            counter.update(ids, mask, spec.max_length)
+    await bus.publish_many((subjects.prompts, t, f"prompt:{run}:{t.prompt_id}") for t in tasks)
+    # Vocab map + EnqueueSummary exactly as tests/support.py::seed_captured_run writes them.
+    store = open_store(spec.store_uri)
+    vocab_map = build_vocab_map(counter.counts, vocab, spec.draft.draft_vocab_size)
+    vocab_location = store.put(f"{run}-vocab-map", {"d2t": vocab_map.d2t, "t2d": vocab_map.t2d})
+    summary = EnqueueSummary(
+        run_id=run,
+        sources=["bench"],
+        train=splits["train"],
+        eval=splits["eval"],
+        skipped=0,
+        vocab_map=vocab_location,
+        vocab_map_hash=vocab_map.hash(),
+        tokens_counted=counter.num_tokens,
+        run_spec_hash=spec_hash,
+    )
+    await bus.put_record(enqueue_key(run), summary, create_only=True)
+    return tokens
+
+
+async def _sample_times(bus: Bus, run: str) -> list[float]:
+    """``created_at`` of every SampleRef of the run (both splits)."""
+    out = []
+    for split in ("train", "eval"):
+        async for _seq, record in bus.replay(run, split):
+            if isinstance(record, SampleRef):
+                out.append(record.created_at)
+    return out
+
+
+async def _capture_alone(bus: Bus, spec: RunSpec, engine, threads: int) -> dict[str, float]:
+    """The in-process capture worker on a freshly published run, timed from start to exit."""
+    from specforge_capture.worker import CaptureWorker
+
+    torch.set_num_threads(threads)
+    store = open_store(spec.store_uri)
+    worker = CaptureWorker(bus, spec, engine, store, producer_id="bench", exit_when_done=True)
+    start, wall_start = time.perf_counter(), time.time()
+    stats = await worker.run()
+    wall = time.perf_counter() - start
+    last = max(await _sample_times(bus, spec.run_id)) - wall_start
+    return {"samples/s": stats.prompts_captured / wall, "tokens/s": stats.tokens / wall,
+            "wall": wall, "forward_s": stats.forward_s, "last": last,
+            "samples/s to last": stats.prompts_captured / last}  # fmt: skip
+
+
+def _train_result(res) -> dict[str, float]:
+    waits = [h["data_wait"] for h in res.history]
+    return {"samples/s": res.samples_per_s, "tokens/s": res.tokens_per_s,
+            "wait": res.data_wait_fraction, "wait_s": res.stream["wait_s"],
+            "steps": res.step, "samples": res.samples_consumed,
+            "window wait max": max(waits, default=0.0)}  # fmt: skip
+
+
+async def _train_alone(bus: Bus, run: str, threads: int) -> dict[str, float]:
+    """The in-process trainer on a run whose capture already finished (ready data)."""
+    from specforge_trainer.loop import Trainer
+
+    torch.set_num_threads(threads)
+    trainer = Trainer(bus, run)
+    await trainer.setup()  # loads the target head/embedding; outside TrainResult's clock anyway
+    return _train_result(await trainer.run())
+
+
+async def _coupled(bus: Bus, url: str, spec: RunSpec, work: Path) -> dict[str, float]:
+    """Capture as a subprocess and the trainer here, concurrently, one torch thread each."""
+    from specforge_trainer.loop import Trainer
+
+    torch.set_num_threads(THREADS_COUPLED)
+    trainer = Trainer(bus, spec.run_id)
+    await trainer.setup()
+    log_path = work / f"capture-{spec.run_id}.log"
+    cmd = [sys.executable, "-m", "specforge_common.cli", "capture", "--run", spec.run_id,
+           "--nats", url, "--exit-when-done", "--threads", str(THREADS_COUPLED)]  # fmt: skip
+    env = os.environ | {"SPECFORGE_LOG_LEVEL": "WARNING"}
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=log_file)
+        try:
+            deadline = time.monotonic() + 60
+            while await bus.stream_depth(spec.run_id, "samples") == 0:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"capture subprocess produced no sample (rc={proc.poll()}): "
+                        f"{log_path.read_text()[-2000:]}"
+                    )
+                await asyncio.sleep(0.05)
+            trained_from = time.time()
+            res = await trainer.run()
+            rc = await asyncio.to_thread(proc.wait, 60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"capture subprocess exited {rc}: {log_path.read_text()[-2000:]}")
+    out = _train_result(res)
+    times = await _sample_times(bus, spec.run_id)
+    span = max(times) - min(times)
+    out["capture samples/s"] = (len(times) - 1) / span if span > 0 else float("nan")
+    out["overlap"] = max(times) - trained_from  # trainer time with capture still running
+    return out
+
+
+async def _measure(url: str, target_dir: Path, work: Path) -> dict[str, dict[str, float]]:
+    from specforge_common.targets import HFTargetEngine
+
+    m: dict[str, dict[str, float]] = {}
+    bus = await Bus.connect(BusConfig(servers=(url,), name="bench-pipeline"))
+    try:
+        engine = HFTargetEngine.from_pretrained(target_dir)
+        specs = {tag: _spec(f"bench-pipe-{tag}", target_dir, work) for tag in ("a2", "a1", "b")}
+        for seed, spec in enumerate(specs.values()):
+            m.setdefault("prompt tokens", {})[spec.run_id] = await _publish_run(bus, spec, seed)
+        m["capture 2t"] = await _capture_alone(bus, specs["a2"], engine, THREADS_ALONE)
+        m["train 2t"] = await _train_alone(bus, specs["a2"].run_id, THREADS_ALONE)
+        m["capture 1t"] = await _capture_alone(bus, specs["a1"], engine, THREADS_COUPLED)
+        m["train 1t"] = await _train_alone(bus, specs["a1"].run_id, THREADS_COUPLED)
+        del engine
+        m["coupled"] = await _coupled(bus, url, specs["b"], work)
+    finally:
+        await bus.close()
+    return m
+
+
+def run() -> BenchReport:
+    from transformers.utils import logging as hf_logging
+
+    # The services' info lines and HF's progress bars would bury the table. Services' modules
+    # are imported lazily, after this, so their module-level loggers get this level too.
+    configure_logging("json", level="WARNING")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    threads_before = torch.get_num_threads()
+    try:
+        from specforge_common.targets.tiny import make_tiny_target
+
+        with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp, NatsServer() as server:
+            work = Path(tmp)
+            target_dir = make_tiny_target(work / "target", arch="llama", seed=0, **TARGET)
+            m = asyncio.run(_measure(server.url, target_dir, work))
+    finally:
+        torch.set_num_threads(threads_before)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+    c2, c1, t2, t1, b = m["capture 2t"], m["capture 1t"], m["train 2t"], m["train 1t"], m["coupled"]
+    t, s = "tokens/s", "samples/s"
+    report = BenchReport("pipeline")
+    report.add(f"capture alone, {THREADS_ALONE} threads: samples/s", c2[s], s)
+    report.add(f"capture alone, {THREADS_ALONE} threads: tokens/s", c2[t], t)
+    report.add(f"capture alone, {THREADS_COUPLED} thread: samples/s", c1[s], s)
+    report.add(f"trainer (a) ready data, {THREADS_ALONE} threads: samples/s", t2[s], s)
+    report.add(f"trainer (a) ready data, {THREADS_ALONE} threads: tokens/s", t2[t], t)
+    report.add(f"trainer (a) ready data, {THREADS_ALONE} threads: data wait", 100 * t2["wait"], "%")
+    report.add(f"trainer (a) ready data, {THREADS_COUPLED} thread: samples/s", t1[s], s)
+    report.add(
+        f"trainer (a) ready data, {THREADS_COUPLED} thread: data wait", 100 * t1["wait"], "%"
+    )
+    report.add("trainer (b) with capture running: samples/s", b[s], s)
+    report.add("trainer (b) with capture running: tokens/s", b[t], t)
+    report.add("trainer (b) with capture running: data wait", 100 * b["wait"], "%")
+    report.add("capture (b) next to the trainer: samples/s", b["capture samples/s"], s)
+
+    name = "trainer busy fraction (ready data)"
+    report.ratios[name] = 1.0 - t2["wait"]
+    report.goals[name] = GOAL_BUSY
+
+    tokens = sorted(int(v) for v in m["prompt tokens"].values())
+    report.notes.append(
+        f"tiny llama target {TARGET}, fp32 CPU; per run {N_PROMPTS} prefill prompts "
+        f"({N_PROMPTS - N_PROMPTS // EVAL_EVERY} train / {N_PROMPTS // EVAL_EVERY} eval), "
+        f"{MIN_LEN}-{MAX_LEN} random tokens ({tokens[0]:,}-{tokens[-1]:,} per run), loss mask "
+        f"on the last 2/3; max_length 128, draft vocab 256, train batch 4, ttt_length 3, "
+        f"1 epoch, checkpoints only at step 0 and the end; capture batch 4; file:// store and "
+        f"JetStream file storage in a temp dir; one run per measurement, single repetition"
+    )
+    report.notes.append(
+        f"threads: torch.set_num_threads({THREADS_ALONE}) or ({THREADS_COUPLED}) as each row "
+        f"says, capture and trainer in this process, alone; (b): trainer here with "
+        f"torch.set_num_threads({THREADS_COUPLED}) while capture runs as a `specforge capture "
+        f"--threads {THREADS_COUPLED} --exit-when-done` subprocess on the same 2 cores; the "
+        f"trainer's clock starts at the first SampleRef (capture's import/load time is not wait)"
+    )
+    report.notes.append(
+        f"capture alone ({THREADS_ALONE} threads): {c2['wall']:.2f}s start to exit, "
+        f"{c2['forward_s']:.2f}s of it in forwards; the last SampleRef was published at "
+        f"{c2['last']:.2f}s ({c2['samples/s to last']:.1f} samples/s); the rest is the 1 s "
+        f"empty fetch that detects the end of data, the end-of-split markers and shutdown"
+    )
+    report.notes.append(
+        f"where the trainer waits: (a) {int(t2['steps'])} steps, {t2['wait_s']:.3f}s blocked in "
+        f"total, max over its 10-step log windows {100 * t2['window wait max']:.2f}% (so the "
+        f"wait is the first batch, before step 1: replay subscription + first store reads); "
+        f"(b) {b['wait_s']:.3f}s blocked, window max {100 * b['window wait max']:.2f}%, capture "
+        f"still running for the first {b['overlap']:.1f}s of the trainer's run; capture (b) "
+        f"rate = SampleRefs over their created_at span"
+    )
+    report.notes.append(
+        "trainer samples/s and data wait are the TrainResult's: wall from the first fetch to "
+        "the final checkpoint (step-0 and final checkpoint writes included), wait = time "
+        "blocked in the sample stream / (compute + wait)"
+    )
+    return report

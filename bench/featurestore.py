@@ -164,9 +164,9 @@ def run() -> BenchReport:
     report.notes.append(
         "file_get = read into a fresh buffer + xxh3_128 of each piece + header parse, tensors "
         "are views (no second copy); file_get_into = the same into a buffer the caller reuses "
-        "(FileFeatureStore only); *_single_thread = read then hash each 2 MiB piece on one "
-        f"thread; default: {file_store.OVERLAP_CHUNK >> 20} MiB pieces hashed on a worker while "
-        "the next is read"
+        f"(FileFeatureStore only); pieces of {file_store.CHUNK >> 20} MiB: *_single_thread reads "
+        "then hashes each on one thread, the default hashes each on a worker while the next is "
+        "read"
     )
     report.notes.append(
         "file_get_vs_plain_read compares a fresh-buffer get with a reused-buffer read, so it also "

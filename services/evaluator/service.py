@@ -26,7 +26,6 @@ With ``exit_when_final`` the loop returns after settling the event with ``final=
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from specforge_common.contracts import (
     decode,
 )
 from specforge_common.eagle3 import CheckpointError, Eagle3Metrics, load_draft
-from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.eagle3.checkpoint import WEIGHTS_NAME, sha256_file
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
 from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Config
@@ -85,14 +84,6 @@ class EvaluatorReport:
     dead_lettered: list[int] = field(default_factory=list)  # steps of rejected events
     final_step: int | None = None  # step of the final event, once settled
     final_evaluated: bool = False
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_dir(uri: str) -> Path:

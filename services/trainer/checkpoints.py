@@ -10,7 +10,6 @@ naming the newest step dir) is replaced atomically after each save. Rotation kee
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from specforge_common.eagle3 import save_draft
-from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.eagle3.checkpoint import WEIGHTS_NAME, sha256_file
 from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Draft
 
@@ -50,14 +49,6 @@ def checkpoints_root(output_dir: str | Path, run_id: str) -> Path:
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -144,6 +144,7 @@ async def test_work_queue_shared_by_two_workers_delivers_each_once(
     producer = await Bus.connect(bus_config)
     subjects = await producer.ensure_streams(run_id)
     ready = [asyncio.Event(), asyncio.Event()]
+    all_published = asyncio.Event()
 
     async def worker(index: int) -> list[str]:
         async with await Bus.connect(bus_config) as bus:
@@ -151,18 +152,23 @@ async def test_work_queue_shared_by_two_workers_delivers_each_once(
                 run_id, "prompts", "capture", PromptTask, service=f"w{index}"
             )
             ready[index].set()
-            seen, wait = [], 10.0  # the first batch waits for the publisher
-            while batch := await consumer.fetch(batch=7, timeout=wait):
-                wait = 1.0
-                for delivery in batch:
-                    seen.append(delivery.record.prompt_id)
-                    await delivery.ack_sync()
+            # Each worker's first request asks for one message while two are published, so
+            # both are guaranteed work; then they race for the rest.
+            seen = [d async for d in _settled(await consumer.fetch(batch=1, timeout=10.0))]
+            while True:
+                batch = await consumer.fetch(batch=7, timeout=1.0)
+                if not batch and all_published.is_set():
+                    break
+                seen += [d async for d in _settled(batch)]
             await consumer.close()
             return seen
 
     workers = [asyncio.create_task(worker(i)) for i in range(2)]
-    await asyncio.gather(*(event.wait() for event in ready))  # both bound before any work
-    await producer.publish_many([(subjects.prompts, prompt(run_id, i), f"p{i}") for i in range(n)])
+    await asyncio.gather(*(event.wait() for event in ready))
+    items = [(subjects.prompts, prompt(run_id, i), f"p{i}") for i in range(n)]
+    await producer.publish_many(items[:2])
+    await producer.publish_many(items[2:])
+    all_published.set()
     a, b = await asyncio.gather(*workers)
     assert len(a) + len(b) == n
     assert set(a).isdisjoint(b)
@@ -170,6 +176,13 @@ async def test_work_queue_shared_by_two_workers_delivers_each_once(
     assert a and b, "both workers should have received work"
     assert await producer.stream_depth(run_id, "prompts") == 0  # work queue: acked = removed
     await producer.close()
+
+
+async def _settled(deliveries):
+    """Ack each delivery (waiting for the server's confirmation) and yield its prompt id."""
+    for delivery in deliveries:
+        await delivery.ack_sync()
+        yield delivery.record.prompt_id
 
 
 async def test_replay_from_sequence_one_after_everything_was_consumed(

@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-import torch
 
 from specforge_common.contracts import DeadLetter, EvalResult, EvalSpec
 from specforge_common.eagle3 import load_draft
@@ -25,14 +24,6 @@ from tests.evaluator import (
 from tests.support import seed_captured_run, tiny_run_spec
 
 K = 3  # tiny_run_spec's ttt_length
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,6 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_target(tmp_path_factory.mktemp("target"), arch="llama", seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sample(length: int, hidden: int = 4, start: int = 1) -> dict[str, torch.Tensor]:
     ids = torch.arange(start, start + length)
     loss_mask = torch.zeros(length, dtype=torch.int64)

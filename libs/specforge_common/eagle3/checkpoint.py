@@ -10,6 +10,7 @@ is never exported; loading takes it from the file if present, else from the call
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -458,3 +459,12 @@ def _fill_vocab_buffers(
             f"V_d={vocab_map.draft_vocab_size}) was given; its lm_head rows belong to the first"
         )
     state["t2d"], state["d2t"] = stored_map.t2d, stored_map.d2t
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoint identity in CheckpointEvents)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

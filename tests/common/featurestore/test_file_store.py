@@ -446,7 +446,7 @@ def test_get_into_on_a_closed_store_refuses(store: FileFeatureStore) -> None:
 
 # --- overlapped reads: the worker hashes piece i while piece i+1 is read ------------------
 
-BIG = (1, 1536, 4096)  # 12 MiB of bf16: three overlapped pieces
+BIG = (1, 1536, 4096)  # 12 MiB of bf16: six overlapped pieces
 
 
 @pytest.fixture(scope="module")
@@ -632,7 +632,7 @@ def test_concurrent_overlapped_gets_share_the_worker(
     store: FileFeatureStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(file_store, "OVERLAP_MIN_BYTES", 0)
-    monkeypatch.setattr(file_store, "OVERLAP_CHUNK", 64 << 10)  # many pieces per get
+    monkeypatch.setattr(file_store, "CHUNK", 64 << 10)  # many pieces per get
     samples = {
         f"c{i}": {"x": torch.randn(1 << 16, generator=torch.Generator().manual_seed(i))}
         for i in range(4)

@@ -170,7 +170,10 @@ def _read_overlapped(file: _Readable, view: memoryview, uri: str) -> xxhash.xxh3
                 raise FeatureCorruptError(f"{uri}: file ended after {done} of {size} bytes")
             state.pieces.append(view[done : done + got])
             done += got
-            worker.submit(state.work)
+            try:
+                worker.submit(state.work)
+            except RuntimeError:  # interpreter shutting down: this thread hashes it all
+                pass
             if len(state.pieces) > 1:  # the worker is behind: take one off its queue
                 state.hash_next(blocking=False)
         while state.hash_next():

@@ -574,6 +574,13 @@ class _EagerWorker:
         fn(*args)
 
 
+class _ShutDownWorker:
+    """The worker of an interpreter that is shutting down."""
+
+    def submit(self, fn: Callable[..., object], *args: object) -> None:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+
 class _ThreadWorker:
     """A worker that runs each step at once, on a thread of its own."""
 
@@ -593,7 +600,7 @@ def test_overlapped_read_does_not_depend_on_the_worker_keeping_up(
 ) -> None:
     data = os.urandom((12 << 20) + 7)
     stalled = _StalledWorker()
-    for worker in (stalled, _EagerWorker(), _ThreadWorker()):
+    for worker in (stalled, _EagerWorker(), _ThreadWorker(), _ShutDownWorker()):
         monkeypatch.setattr(file_store, "_hash_worker", lambda worker=worker: worker)
         with memoryview(alloc_buffer(len(data))) as view:
             hasher = file_store._read_overlapped(io.BytesIO(data), view, "file:x")

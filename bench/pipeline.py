@@ -6,19 +6,26 @@ enqueue does it, without a dataset: the RunSpec, ``N_PROMPTS`` pre-tokenized Pro
 ids, 64-128 tokens, loss mask on the last 2/3, every ``EVAL_EVERY``-th one in the eval split),
 then the draft vocab map (from the train split's loss-masked tokens) and the ``EnqueueSummary``.
 
-- capture: ``CaptureWorker(..., exit_when_done=True).run()`` in this process, alone, timed from
+- capture alone: ``CaptureWorker(..., exit_when_done=True).run()`` in this process, timed from
   start to exit (the target is loaded before the clock starts);
 - (a) ready data: ``Trainer(bus, run).run()`` in this process after that capture finished, so
   every sample is already in the store: the trainer's own rate and its data-wait fraction;
-- (b) coupled: a second run whose capture is a subprocess (``specforge capture --exit-when-done
-  --threads 1``) while the trainer runs here with 1 torch thread. Both in one event loop would
-  not be representative (capture's forwards and the trainer's steps fight for one GIL and one
-  loop), so they are two processes, one core each. The trainer's clock starts once the first
-  SampleRef is in the stream, so the capture process's import/load time is not counted as wait.
+- both of these with 2 torch threads and again with 1 (the control for (b));
+- (b) coupled: another run whose capture is a subprocess (``specforge capture --exit-when-done
+  --threads 1``, its ``main()`` called directly) while the trainer runs here with 1 torch
+  thread. Both in one event loop would not be representative (capture's forwards and the
+  trainer's steps would share one process and one loop), so they are two processes, one core
+  each. The trainer's clock starts once the first SampleRef is in the stream, so the capture
+  process's import/load time is not counted as wait.
+
+Threads: ``torch.set_num_threads`` is per OS thread once a thread has used torch, and the
+services compute in ``asyncio.to_thread``, so every measurement runs with a fresh default
+executor whose threads set the count themselves (see ``_torch_threads``).
 
 The samples/s and data wait are the trainer's own ``TrainResult`` (wall from its first fetch to
 its final checkpoint, which includes the step-0 and final checkpoints; wait = time blocked in
-the sample stream / (compute + wait)).
+the sample stream / (compute + wait)). ``REPS`` repetitions, each on fresh runs: rates are the
+best repetition's, data waits the median repetition's.
 """
 
 from __future__ import annotations
@@ -60,7 +67,9 @@ EVAL_EVERY = 25  # every 25th prompt goes to the eval split: 192 train, 8 eval
 MIN_LEN, MAX_LEN = 64, 128
 THREADS_ALONE = 2  # torch threads when capture or trainer has the machine to itself
 THREADS_COUPLED = 1  # torch threads of each process in the coupled run (2 cores, 2 processes)
-REPS = 2  # the machine may be shared: the best repetition is the closest to the code's cost
+# Rates: the best repetition (interference only slows a case down). Data wait: the median
+# repetition, so one stall caused by another process on the machine neither hides nor dominates.
+REPS = 3
 GOAL_BUSY = 0.95  # 1 - data-wait fraction with ready data
 TARGET = dict(
     vocab_size=512,
@@ -71,6 +80,11 @@ TARGET = dict(
     intermediate_size=256,
 )
 ROOT = Path(__file__).resolve().parent.parent
+CAPTURE_MAIN = (
+    "import argparse, sys; from specforge_capture import command; "
+    "p = argparse.ArgumentParser(); command.add_arguments(p); "
+    "sys.exit(command.main(p.parse_args()))"
+)
 
 
 def _spec(run_id: str, target_dir: Path, work: Path) -> RunSpec:
@@ -231,8 +245,10 @@ async def _coupled(bus: Bus, url: str, spec: RunSpec, work: Path) -> dict[str, f
     trainer = Trainer(bus, spec.run_id)
     await trainer.setup()
     log_path = work / f"capture-{spec.run_id}.log"
-    cmd = [sys.executable, "-m", "specforge_common.cli", "capture", "--run", spec.run_id,
-           "--nats", url, "--exit-when-done", "--threads", str(THREADS_COUPLED)]  # fmt: skip
+    # `specforge capture ...` without the CLI's command table, so a sibling command that does not
+    # import cannot break this suite: the same add_arguments + main the CLI would call.
+    cmd = [sys.executable, "-c", CAPTURE_MAIN, "--run", spec.run_id, "--nats", url,
+           "--exit-when-done", "--threads", str(THREADS_COUPLED)]  # fmt: skip
     env = os.environ | {"SPECFORGE_LOG_LEVEL": "WARNING"}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=log_file)
@@ -306,6 +322,7 @@ def run() -> BenchReport:
             target_dir = make_tiny_target(work / "target", arch="llama", seed=0, **TARGET)
             m = asyncio.run(_measure(server.url, target_dir, work))
     finally:
+        load_end = os.getloadavg()[0]
         torch.set_num_threads(threads_before)
         if bars:
             hf_logging.enable_progress_bar()
@@ -316,8 +333,12 @@ def run() -> BenchReport:
     def per_rep(key: str, field: str = "samples/s", scale: float = 1.0) -> str:
         return "/".join(f"{scale * r[field]:.1f}" for r in m[key])
 
+    def median_wait(key: str) -> dict[str, float]:
+        return sorted(m[key], key=lambda r: r["wait"])[len(m[key]) // 2]
+
     c2, c1, t2, t1, b = (best(k) for k in ("capture 2t", "capture 1t", "train 2t", "train 1t",
                                            "coupled"))  # fmt: skip
+    w2, w1, wb = (median_wait(k) for k in ("train 2t", "train 1t", "coupled"))
     t, s = "tokens/s", "samples/s"
     report = BenchReport("pipeline")
     report.add(f"capture alone, {THREADS_ALONE} threads: samples/s", c2[s], s)
@@ -325,18 +346,18 @@ def run() -> BenchReport:
     report.add(f"capture alone, {THREADS_COUPLED} thread: samples/s", c1[s], s)
     report.add(f"trainer (a) ready data, {THREADS_ALONE} threads: samples/s", t2[s], s)
     report.add(f"trainer (a) ready data, {THREADS_ALONE} threads: tokens/s", t2[t], t)
-    report.add(f"trainer (a) ready data, {THREADS_ALONE} threads: data wait", 100 * t2["wait"], "%")
+    report.add(f"trainer (a) ready data, {THREADS_ALONE} threads: data wait", 100 * w2["wait"], "%")
     report.add(f"trainer (a) ready data, {THREADS_COUPLED} thread: samples/s", t1[s], s)
     report.add(
-        f"trainer (a) ready data, {THREADS_COUPLED} thread: data wait", 100 * t1["wait"], "%"
+        f"trainer (a) ready data, {THREADS_COUPLED} thread: data wait", 100 * w1["wait"], "%"
     )
     report.add("trainer (b) with capture running: samples/s", b[s], s)
     report.add("trainer (b) with capture running: tokens/s", b[t], t)
-    report.add("trainer (b) with capture running: data wait", 100 * b["wait"], "%")
+    report.add("trainer (b) with capture running: data wait", 100 * wb["wait"], "%")
     report.add("capture (b) next to the trainer: samples/s *", b["capture samples/s"], s)
 
     name = "trainer busy fraction (ready data)"
-    report.ratios[name] = 1.0 - t2["wait"]
+    report.ratios[name] = 1.0 - w2["wait"]
     report.goals[name] = GOAL_BUSY
 
     tokens = m["tokens"][0]
@@ -348,40 +369,54 @@ def run() -> BenchReport:
         f"ttt_length 3, 1 epoch, checkpoints only at step 0 and the end; capture batch 4; "
         f"file:// store and JetStream file storage in a temp dir; a fresh run per measurement"
     )
+    per_rep_rates = (
+        f"capture {THREADS_ALONE}t {per_rep('capture 2t')}, {THREADS_COUPLED}t "
+        f"{per_rep('capture 1t')}; trainer (a) {THREADS_ALONE}t {per_rep('train 2t')}, "
+        f"{THREADS_COUPLED}t {per_rep('train 1t')}, (b) {per_rep('coupled')}"
+    )
+    per_rep_waits = (
+        f"(a) {THREADS_ALONE}t {per_rep('train 2t', 'wait', 100)}, {THREADS_COUPLED}t "
+        f"{per_rep('train 1t', 'wait', 100)}, (b) {per_rep('coupled', 'wait', 100)}"
+    )
     report.notes.append(
-        f"best of {REPS} repetitions by samples/s (each row's other values are from that "
-        f"repetition); load average at the start {load:.2f} on {os.cpu_count()} cores. Per "
-        f"repetition, samples/s: capture {THREADS_ALONE}t {per_rep('capture 2t')}, "
-        f"{THREADS_COUPLED}t {per_rep('capture 1t')}; trainer (a) {THREADS_ALONE}t "
-        f"{per_rep('train 2t')}, {THREADS_COUPLED}t {per_rep('train 1t')}, (b) "
-        f"{per_rep('coupled')}; data wait %: (a) {THREADS_ALONE}t "
-        f"{per_rep('train 2t', 'wait', 100)}, (b) {per_rep('coupled', 'wait', 100)}"
+        f"{REPS} repetitions: rates are the best repetition's (tokens/s from the same one), "
+        f"data wait the median repetition's; 1-min load average {load:.2f} at the start, "
+        f"{load_end:.2f} at the end, on {os.cpu_count()} cores (the machine may be shared). "
+        f"Per repetition, samples/s: {per_rep_rates}; data wait %: {per_rep_waits}"
     )
     report.notes.append(
         f"threads: torch.set_num_threads({THREADS_ALONE}) or ({THREADS_COUPLED}) as each row "
         f"says, in the main thread and in fresh executor threads (torch's count is per thread, "
         f"asyncio.to_thread runs the compute); capture and trainer in this process, alone; "
         f"(b): trainer here with torch.set_num_threads({THREADS_COUPLED}) while capture runs "
-        f"as a `specforge capture --threads {THREADS_COUPLED} --exit-when-done` subprocess on "
+        f"as a `specforge capture --threads {THREADS_COUPLED} --exit-when-done` subprocess "
+        f"(the command's main() run directly) on "
         f"the same 2 cores; the trainer's clock starts at the first SampleRef (capture's "
         f"import/load time is not wait)"
     )
+    tails = {k: "/".join(f"{r['wall'] - r['last']:.2f}" for r in m[k]) for k in m if "capture" in k}
     report.notes.append(
         f"capture alone ({THREADS_ALONE} threads): {c2['wall']:.2f}s start to exit, "
-        f"{c2['forward_s']:.2f}s of it in forwards; the last SampleRef was published at "
-        f"{c2['last']:.2f}s; the rest is the 1 s empty fetch that detects the end of data, the "
-        f"end-of-split markers and shutdown. * = SampleRefs over their created_at span (no "
-        f"start-up, no end-of-data tail), which is {c2['span samples/s']:.1f} samples/s for "
-        f"capture alone {THREADS_ALONE}t and {c1['span samples/s']:.1f} for {THREADS_COUPLED}t"
+        f"{c2['forward_s']:.2f}s of it in forwards, the last SampleRef at {c2['last']:.2f}s; "
+        f"the tail after it is the empty fetch (1 s timeout) that detects the end of data, the "
+        f"end-of-split markers and shutdown: per repetition {tails['capture 2t']}s "
+        f"({THREADS_ALONE}t), {tails['capture 1t']}s ({THREADS_COUPLED}t); a ~3 s tail is "
+        f"a 'fetch failed; retrying' warning + 1 s sleep + another empty fetch (nats-py's "
+        f"fetch raised a bare asyncio.TimeoutError, which WorkConsumer.fetch does not treat as "
+        f"an empty fetch). * = SampleRefs "
+        f"over their created_at span (no start-up, no tail): {c2['span samples/s']:.1f} "
+        f"samples/s for capture alone {THREADS_ALONE}t, {c1['span samples/s']:.1f} for "
+        f"{THREADS_COUPLED}t"
     )
     report.notes.append(
-        f"where the trainer waits: (a) {THREADS_ALONE}t {int(t2['steps'])} steps, "
-        f"{t2['wait_s']:.3f}s blocked in total, {t2['first batch wait_s']:.3f}s of it for the "
-        f"first batch (replay subscription + first store reads), max over its 10-step log "
-        f"windows {100 * t2['window wait max']:.2f}%; (b) {b['wait_s']:.3f}s blocked, "
-        f"{b['first batch wait_s']:.3f}s for the first batch, window max "
-        f"{100 * b['window wait max']:.2f}%, capture still running for the first "
-        f"{b['overlap']:.1f}s of the trainer's run"
+        f"where the trainer waits (median repetitions): (a) {THREADS_ALONE}t "
+        f"{int(w2['steps'])} steps, {w2['wait_s']:.3f}s blocked in total, "
+        f"{w2['first batch wait_s']:.3f}s of it for the first batch (replay subscription + "
+        f"first store reads), max over its 10-step log windows "
+        f"{100 * w2['window wait max']:.2f}%; (b) {wb['wait_s']:.3f}s blocked, "
+        f"{wb['first batch wait_s']:.3f}s for the first batch, window max "
+        f"{100 * wb['window wait max']:.2f}%, capture still running for the first "
+        f"{wb['overlap']:.1f}s of the trainer's run"
     )
     report.notes.append(
         "trainer samples/s and data wait are the TrainResult's: wall from the first fetch to "

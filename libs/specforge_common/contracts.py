@@ -136,9 +136,14 @@ class RunSpec(Record, kw_only=True, frozen=True):
     output_dir: str = "./runs"  # checkpoints: <output_dir>/<run_id>/checkpoints/
     seed: int = 0
     eval_fraction: float = 0.05
+    # Replay: the run whose samples log, enqueue summary and vocab map the trainer reads
+    # (``specforge replay``); empty = this run itself.
+    data_run: str = ""
 
     def __post_init__(self) -> None:
         validate_run_id(self.run_id)
+        if self.data_run:
+            validate_run_id(self.data_run)
         if self.max_length <= 0:
             raise ValueError("max_length must be positive")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -2,8 +2,11 @@
 
 Each step dir is an SGLang-layout draft (``config.json`` + ``model.safetensors``, written by
 ``save_draft``) plus ``trainer_state.json`` (step, samples consumed, stream position, vocab-map
-and run-spec hashes, the latest train metrics). A step dir appears atomically, complete with
-both: it is assembled in a hidden staging dir and renamed into place. ``latest`` (a text file
+and run-spec hashes, world size, strategy, the latest train metrics) and ``training_state.pt``
+(the tensors a resume needs beyond the weights: optimizer ``state_dict()`` and RNG states; a
+plain dict of tensors and numbers, read back only with ``torch.load(weights_only=True)``). A
+step dir appears atomically, complete with all three: it is assembled in a hidden staging dir
+and renamed into place. ``latest`` (a text file
 naming the newest step dir) is replaced atomically after each save. Rotation keeps the newest
 ``keep_last`` step dirs plus step 0 and every final checkpoint.
 """
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from specforge_common.eagle3 import save_draft
 from specforge_common.eagle3.checkpoint import WEIGHTS_NAME, sha256_file
 from specforge_common.log import get_logger
@@ -28,6 +33,7 @@ from specforge_common.models.eagle3 import Eagle3Draft
 __all__ = [
     "LATEST_NAME",
     "STATE_NAME",
+    "TENSORS_NAME",
     "CheckpointManager",
     "SavedCheckpoint",
     "checkpoints_root",
@@ -36,8 +42,9 @@ __all__ = [
 ]
 
 STATE_NAME = "trainer_state.json"
+TENSORS_NAME = "training_state.pt"
 LATEST_NAME = "latest"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: + training_state.pt and the resume fields of trainer_state.json
 STEP_DIR = re.compile(r"step-(\d{8,})")
 
 log = get_logger(component="trainer.checkpoints")
@@ -113,6 +120,17 @@ class CheckpointManager:
     def read_state(step_dir: Path) -> dict[str, Any]:
         return json.loads((step_dir / STATE_NAME).read_text())
 
+    @staticmethod
+    def read_tensors(step_dir: Path) -> dict[str, Any] | None:
+        """The step's ``training_state.pt`` (optimizer + RNG), or None when it has none.
+
+        Loaded with ``weights_only=True``: tensors and plain containers only, never objects.
+        """
+        path = step_dir / TENSORS_NAME
+        if not path.is_file():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
     def save(
         self,
         draft: Eagle3Draft,
@@ -121,8 +139,12 @@ class CheckpointManager:
         *,
         final: bool = False,
         protect: Collection[int] = (),
+        tensors: dict[str, Any] | None = None,
     ) -> SavedCheckpoint:
-        """Write ``step-XXXXXXXX`` (replacing one of the same step), update ``latest``, rotate."""
+        """Write ``step-XXXXXXXX`` (replacing one of the same step), update ``latest``, rotate.
+
+        ``tensors`` (optimizer state, RNG states: tensors, numbers, strings and plain
+        containers) go to ``training_state.pt`` in the same staging dir."""
         name = step_dir_name(step)
         target = self.root / name
         staging = self.root / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.staging"
@@ -134,6 +156,11 @@ class CheckpointManager:
                 json.dump(full_state, file, indent=2, sort_keys=True)
                 file.flush()
                 os.fsync(file.fileno())
+            if tensors is not None:
+                with open(staging / TENSORS_NAME, "wb") as file:
+                    torch.save(tensors, file)
+                    file.flush()
+                    os.fsync(file.fileno())
             sha256 = sha256_file(staging / WEIGHTS_NAME)
             _fsync(staging)
             if target.exists():

@@ -2,7 +2,9 @@
 
 Reads everything it needs from the bus (run spec, enqueue summary, samples log) and trains to
 the end of the data, then prints the final draft directory and exits 0. SIGTERM / SIGINT write
-a checkpoint at the current step and exit 0 too.
+a checkpoint at the current step and exit 0 too. A run with checkpoints resumes exactly from the
+latest one (weights, optimizer, RNG, stream position); a run whose latest checkpoint is final is
+finished: the command says so and exits 0. ``--no-resume`` trains from scratch instead.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="train from scratch even if the run has checkpoints (they are overwritten)",
     )
     add_bus_arguments(parser)
 
@@ -64,7 +71,8 @@ async def _train(args: argparse.Namespace) -> int:
         return 1
     async with bus:
         try:
-            trainer = Trainer(bus, args.run, device=device, spec_timeout=args.spec_timeout)
+            trainer = Trainer(bus, args.run, device=device, spec_timeout=args.spec_timeout,
+                              resume=not args.no_resume)  # fmt: skip
         except TrainerError as exc:
             print(f"specforge train: {exc}", file=sys.stderr)
             return 1
@@ -80,6 +88,12 @@ async def _train(args: argparse.Namespace) -> int:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+    if result.already_finished:
+        assert result.final is not None
+        print(f"run {args.run} is already finished; final draft: {result.final.path}")
+        return 0
+    if result.resumed_from is not None:
+        print(f"resumed from step {result.resumed_from}")
     if result.stopped:
         last = result.last_checkpoint
         print(f"stopped at step {result.step}; checkpoint: {last.path if last else None}")

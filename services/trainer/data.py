@@ -1,7 +1,8 @@
 """Training data: the samples log of a run, read in stream order, as right-padded batches.
 
 ``SampleStream`` replays ``sf.<run>.samples.train`` from a start sequence and follows it while
-capture is still producing, skips ``SampleRef``s stamped with another run-spec hash, fetches each
+capture is still producing (a resumed trainer starts mid-epoch: ``first_epoch`` and
+``start_seq``), skips ``SampleRef``s stamped with another run-spec hash, fetches each
 sample's tensors from the feature store in worker threads a few samples ahead of the trainer,
 and stops at the ``EndOfSplit`` marker. Later epochs replay from sequence 1 up to the marker (the
 features must still be in the store). A sample whose tensors are missing, corrupt or malformed
@@ -103,6 +104,7 @@ class SampleStream:
         spec_hash: str,
         epochs: int = 1,
         start_seq: int = 1,
+        first_epoch: int = 0,
         split: Split = "train",
         prefetch: int = 8,
         fetch_threads: int = 2,
@@ -112,8 +114,11 @@ class SampleStream:
     ) -> None:
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if not 0 <= first_epoch <= epochs:
+            raise ValueError(f"first_epoch must be in [0, {epochs}], got {first_epoch}")
         self.bus, self.store, self.run_id, self.spec_hash = bus, store, run_id, spec_hash
         self.epochs, self.start_seq, self.split = epochs, start_seq, split
+        self.first_epoch = first_epoch
         self.prefetch = max(1, prefetch)
         self.aux_size, self.hidden_size, self.service = aux_size, hidden_size, service
         self.subjects = RunSubjects(run_id)
@@ -233,7 +238,7 @@ class SampleStream:
         assert self._queue is not None
         try:
             start = self.start_seq
-            for epoch in range(self.epochs):
+            for epoch in range(self.first_epoch, self.epochs):
                 await self._replay_epoch(epoch, start)
                 self.stats.epochs_done = epoch + 1
                 start = 1

@@ -12,6 +12,22 @@ clipping at ``max_grad_norm`` (the pre-clip norm is logged), AdamW, and the LR o
 bucket. Checkpoints: step 0 (untrained), every ``checkpoint_every`` steps, a final one at the
 end of data; each is announced with a ``CheckpointEvent``. ``request_stop()`` (SIGTERM) writes a
 checkpoint at the current step and returns.
+
+Exact resume (``resume=True``, what ``specforge train`` does): when the run has a checkpoint
+(the ``latest`` file), its weights, optimizer state, RNG states and counters are loaded and the
+samples log is re-read from the sequence after the checkpoint's position in the same epoch, so
+the batches after the resume are the ones the uninterrupted run would have formed. Resume
+refuses (``TrainerError``) when run-spec hash, vocab-map hash, world size or strategy differ
+from the checkpoint's; a final checkpoint means the run is finished (``already_finished``).
+A fresh start seeds torch's global RNG with ``spec.seed + rank``.
+
+Every optimizer step appends ``{"step", "epoch", "rank", "seqs", "samples"}`` to
+``<output_dir>/<run>/trained_samples.jsonl`` (rank > 0: ``trained_samples.rank<N>.jsonl``);
+a resume cuts it back to the checkpoint's step, so it lists exactly what the weights saw.
+
+Replay: a spec with ``data_run`` set trains on that run's samples log, enqueue summary and
+vocab map (its SampleRefs carry the data run's spec hash); checkpoints and events are the run's
+own.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +61,7 @@ from specforge_common.registry import DRAFT_ARCHITECTURES, STRATEGIES
 from specforge_common.subjects import RunSubjects, enqueue_key, progress_key
 from specforge_common.targets import load_embedding, load_lm_head, resolve_aux_layer_ids
 
-from .checkpoints import CheckpointManager, SavedCheckpoint, checkpoints_root
+from .checkpoints import CheckpointManager, SavedCheckpoint, checkpoints_root, sha256_file
 from .data import BatchReader, SampleStream, StreamBatch
 from .schedule import LRSchedule, total_optimizer_steps
 
@@ -52,6 +69,30 @@ __all__ = ["TrainResult", "Trainer", "TrainerError", "build_draft", "load_vocab_
 
 SERVICE = "trainer"
 WAIT_LOG_EVERY_S = 30.0
+TRAINED_SAMPLES_NAME = "trained_samples.jsonl"
+
+
+def trained_samples_path(output_dir: str | Path, run_id: str, rank: int = 0) -> Path:
+    """Where rank ``rank`` of a run logs the sample ids of each optimizer step."""
+    name = TRAINED_SAMPLES_NAME if rank == 0 else f"trained_samples.rank{rank}.jsonl"
+    return (Path(output_dir) / run_id / name).absolute()
+
+
+def read_trained_samples(path: str | Path) -> list[dict[str, Any]]:
+    """The entries of a trained-samples log; a torn last line (a crash mid-write) is dropped."""
+    entries = []
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            entries.append(entry)
+    return entries
 
 
 class TrainerError(RuntimeError):
@@ -126,6 +167,21 @@ def build_draft(spec: RunSpec, vocab_map: VocabMap, embedding: torch.Tensor) -> 
     return draft.float()
 
 
+def _check_data_run(spec: RunSpec, data_spec: RunSpec) -> None:
+    """A replayed run must read features its draft can take: same target and aux layers."""
+    pairs = {
+        "target.path": (spec.target.path, data_spec.target.path),
+        "draft.aux_layer_ids": (spec.draft.aux_layer_ids, data_spec.draft.aux_layer_ids),
+        "draft.draft_vocab_size": (spec.draft.draft_vocab_size, data_spec.draft.draft_vocab_size),
+    }
+    for name, (mine, theirs) in pairs.items():
+        if mine != theirs:
+            raise TrainerError(
+                f"run {spec.run_id!r} replays run {data_spec.run_id!r} but its {name} is "
+                f"{mine!r} and the data run's is {theirs!r}"
+            )
+
+
 @dataclass
 class _Window:
     """What accumulates between two log lines."""
@@ -151,6 +207,8 @@ class TrainResult:
     tokens_per_s: float
     data_wait_fraction: float
     stream: dict[str, Any]
+    resumed_from: int | None = None  # the step of the checkpoint this run resumed from
+    already_finished: bool = False  # the run had a final checkpoint: nothing was trained
 
     @property
     def last_checkpoint(self) -> SavedCheckpoint | None:
@@ -169,8 +227,13 @@ class Trainer:
         summary_timeout: float | None = None,
         prefetch: int | None = None,
         fetch_threads: int = 2,
+        resume: bool = False,
+        world_size: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise TrainerError(f"rank {rank} is outside world size {world_size}")
         self.bus, self.run_id, self.rank = bus, run_id, rank
+        self.resume, self.world_size = resume, world_size
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainerError("--device cuda was asked for but torch sees no CUDA device")
@@ -211,16 +274,24 @@ class Trainer:
         spec: RunSpec = await self._wait_record(self.run_id, RunSpec, "run spec", self.spec_timeout)
         self.spec, self.spec_hash = spec, spec.spec_hash()
         self.log = self.log.bind(spec_hash=self.spec_hash)
+        self.data_run = getattr(spec, "data_run", "") or self.run_id
+        data_spec = spec
+        if self.data_run != self.run_id:
+            data_spec = await self._wait_record(
+                self.data_run, RunSpec, f"run spec of data run {self.data_run!r}", self.spec_timeout
+            )
+            _check_data_run(spec, data_spec)
+        self.data_spec_hash = data_spec.spec_hash()
         summary: EnqueueSummary = await self._wait_record(
-            enqueue_key(self.run_id), EnqueueSummary, "enqueue summary", self.summary_timeout
+            enqueue_key(self.data_run), EnqueueSummary, "enqueue summary", self.summary_timeout
         )
-        if summary.run_spec_hash != self.spec_hash:
+        if summary.run_spec_hash != self.data_spec_hash:
             raise TrainerError(
-                f"the enqueue summary was written under spec {summary.run_spec_hash}, the run's "
-                f"spec is {self.spec_hash}"
+                f"the enqueue summary of run {self.data_run!r} was written under spec "
+                f"{summary.run_spec_hash}, that run's spec is {self.data_spec_hash}"
             )
         self.summary = summary
-        self.store = open_store(spec.store_uri)
+        self.store = open_store(data_spec.store_uri)
         target_config = _target_config(spec.target.path)
         text = target_config.get("text_config", target_config)
         vocab_size, self.target_hidden = int(text["vocab_size"]), int(text["hidden_size"])
@@ -255,6 +326,7 @@ class Trainer:
             total_steps=self.total_steps, warmup_steps=self.schedule.warmup,
             vocab_map_hash=self.vocab_map.hash(), checkpoints=str(self.checkpoints.root),
             warm_start=spec.draft.init_from or None,
+            data_run=self.data_run if self.data_run != self.run_id else None,
         )  # fmt: skip
 
     # --- compute (worker thread) -----------------------------------------------------------
@@ -310,10 +382,16 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
+            "data_run": self.data_run,
             "rank": self.rank,
+            "world_size": self.world_size,
+            "strategy": self.spec.draft.strategy,
+            "global_step": self.global_step,
             "samples_consumed": self.samples_consumed,
             "last_sequence": self.last_sequence,
+            "last_sequence_by_rank": {str(self.rank): self.last_sequence},
             "epoch": self.epoch,
+            "epoch_samples": self.epoch_samples,
             "total_steps": self.total_steps,
             "vocab_map_hash": self.vocab_map.hash(),
             "run_spec_hash": self.spec_hash,
@@ -329,9 +407,10 @@ class Trainer:
             runs = self.bus.records(self.run_id, "evals", EvalResult)
             evaluated = {r.step async for _, r in runs}
             unevaluated = set(self.checkpoints.step_dirs()) - evaluated
+        self._flush_trained_samples(sync=True)  # on disk before the checkpoint that covers it
         saved = await asyncio.to_thread(
             self.checkpoints.save, self.draft, step, self._state(), final=final,
-            protect=unevaluated,
+            protect=unevaluated, tensors=self._tensors(),
         )  # fmt: skip
         event = CheckpointEvent(
             run_id=self.run_id, step=step, final=final, samples_consumed=self.samples_consumed,
@@ -344,6 +423,126 @@ class Trainer:
         self.saved.append(saved)
         self._checkpointed_step = step
         return saved
+
+    def _tensors(self) -> dict[str, Any]:
+        """Optimizer and RNG states: tensors and plain containers (``weights_only`` loadable)."""
+        tensors: dict[str, Any] = {
+            "optimizer": self.optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            tensors["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return tensors
+
+    # --- resume ----------------------------------------------------------------------------
+
+    def _resume_point(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint ``latest`` names and its state, checked against this trainer."""
+        step_dir = self.checkpoints.latest()
+        if step_dir is None:
+            return None
+        try:
+            state = self.checkpoints.read_state(step_dir)
+        except (OSError, ValueError) as exc:
+            raise TrainerError(f"cannot resume from {step_dir}: unreadable state ({exc})") from None
+        if int(state.get("format", 1)) < 2 and not state.get("final"):
+            raise TrainerError(
+                f"cannot resume run {self.run_id!r} from {step_dir}: it was written by an older "
+                "trainer without the training state a resume needs (use --no-resume)"
+            )
+        checks = {
+            "run spec hash": (state.get("run_spec_hash"), self.spec_hash),
+            "vocab map hash": (state.get("vocab_map_hash"), self.vocab_map.hash()),
+            "world size": (state.get("world_size"), self.world_size),
+            "strategy": (state.get("strategy"), self.spec.draft.strategy),
+        }
+        for what, (theirs, mine) in checks.items():
+            if theirs != mine:
+                raise TrainerError(
+                    f"cannot resume run {self.run_id!r} from {step_dir}: its {what} is "
+                    f"{theirs!r} but this trainer's is {mine!r}; start a new run id (or "
+                    "remove the run's checkpoints to train from scratch)"
+                )
+        if int(state.get("format", 1)) < 2:  # an old final checkpoint: the run is finished
+            position = {str(self.rank): state.get("last_sequence", 0)}
+            state.setdefault("last_sequence_by_rank", position)
+        if str(self.rank) not in state.get("last_sequence_by_rank", {}):
+            raise TrainerError(f"cannot resume rank {self.rank} from {step_dir}: it has no "
+                               "position for this rank")  # fmt: skip
+        return step_dir, state
+
+    def _restore(self, step_dir: Path, state: dict[str, Any]) -> None:
+        """Weights, optimizer, RNG and counters of ``step_dir`` (worker thread)."""
+        from safetensors.torch import load_file
+
+        tensors = self.checkpoints.read_tensors(step_dir)
+        if tensors is None:
+            raise TrainerError(f"cannot resume from {step_dir}: it has no training state "
+                               "(written by an older trainer)")  # fmt: skip
+        weights = load_file(step_dir / "model.safetensors")
+        with torch.no_grad():
+            missing, unexpected = self.draft.load_state_dict(weights, strict=False)
+        frozen = tuple(self.draft.frozen_prefixes)
+        missing = [k for k in missing if not k.startswith(frozen)]
+        if missing or unexpected:
+            raise TrainerError(f"cannot resume from {step_dir}: weights do not fit the draft "
+                               f"(missing {missing}, unexpected {unexpected})")  # fmt: skip
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        torch.set_rng_state(tensors["rng_cpu"])
+        if "rng_cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(tensors["rng_cuda"])
+        self.global_step = int(state["step"])
+        self.samples_consumed = int(state["samples_consumed"])
+        self.last_sequence = int(state["last_sequence_by_rank"][str(self.rank)])
+        self.epoch = int(state["epoch"])
+        self.epoch_samples = int(state.get("epoch_samples", 0))
+        self.latest_metrics = dict(state.get("metrics") or {})
+
+    async def _ensure_event(self, saved: SavedCheckpoint, state: dict[str, Any]) -> None:
+        """Publish the checkpoint's event if a crash came between the save and the publish."""
+        async for _, event in self.bus.records(self.run_id, "checkpoints", CheckpointEvent):
+            if event.step == saved.step:
+                return
+        event = CheckpointEvent(
+            run_id=self.run_id, step=saved.step, final=saved.final,
+            samples_consumed=int(state["samples_consumed"]),
+            last_sequence={int(r): int(s) for r, s in state["last_sequence_by_rank"].items()},
+            checkpoint_uri=str(saved.path), checkpoint_sha256=saved.sha256,
+            metrics=dict(state.get("metrics") or {}), run_spec_hash=self.spec_hash,
+        )  # fmt: skip
+        self.log.warning("republishing a checkpoint event lost in a crash", step=saved.step)
+        msg_id = f"ckpt:{self.run_id}:{saved.step}"
+        await self.bus.publish(self.subjects.checkpoints, event, msg_id=msg_id)
+
+    # --- trained-samples log ---------------------------------------------------------------
+
+    def _open_trained_samples(self, keep_through: int | None) -> None:
+        """Start the log afresh, or (resume) keep only the entries of steps <= keep_through."""
+        path = trained_samples_path(self.spec.output_dir, self.run_id, self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if keep_through is not None:
+            kept = [e for e in read_trained_samples(path) if e["step"] <= keep_through]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        tmp.replace(path)
+        self._trained_file = open(path, "a")
+
+    def _record_trained(self, batches: list[StreamBatch]) -> None:
+        samples = [s for b in batches for s in b.samples]
+        entry = {"step": self.global_step, "epoch": self.epoch, "rank": self.rank,
+                 "seqs": [s.seq for s in samples],
+                 "samples": [s.ref.sample_id for s in samples]}  # fmt: skip
+        self._trained_file.write(json.dumps(entry) + "\n")
+        self._trained_file.flush()  # a kill -9 keeps it; fsync happens at checkpoints
+
+    def _flush_trained_samples(self, *, sync: bool = False) -> None:
+        file = getattr(self, "_trained_file", None)
+        if file is None or file.closed:
+            return
+        file.flush()
+        if sync:
+            os.fsync(file.fileno())
 
     async def _progress(self, *, done: bool) -> None:
         record = TrainerProgress(run_id=self.run_id, rank=self.rank, step=self.global_step,
@@ -376,17 +575,64 @@ class Trainer:
         self.latest_metrics = entry
         return entry
 
+    def _finished_result(self, step_dir: Path, state: dict[str, Any]) -> TrainResult:
+        saved = SavedCheckpoint(int(state["step"]), step_dir,
+                                sha256_file(step_dir / "model.safetensors"), True)  # fmt: skip
+        self.log.info("run already finished: its latest checkpoint is final; nothing to train",
+                      step=saved.step, final=str(step_dir))  # fmt: skip
+        return TrainResult(
+            step=saved.step, samples_consumed=int(state["samples_consumed"]),
+            last_sequence=int(state["last_sequence_by_rank"][str(self.rank)]), stopped=False,
+            final=saved, checkpoints=[saved], history=[], samples_per_s=0.0, tokens_per_s=0.0,
+            data_wait_fraction=0.0, stream={}, resumed_from=saved.step, already_finished=True,
+        )  # fmt: skip
+
     async def run(self) -> TrainResult:
         await self.setup()
-        train = self.spec.train
         self.global_step, self.samples_consumed, self.last_sequence, self.epoch = 0, 0, 0, 0
+        self.epoch_samples = 0
         self.history: list[dict[str, float]] = []
         self.latest_metrics: dict[str, float] = {}
         self.saved: list[SavedCheckpoint] = []
         self._checkpointed_step = -1
+        point = self._resume_point() if self.resume else None
+        resumed_from: int | None = None
+        if point is not None:
+            step_dir, state = point
+            if state.get("final"):
+                result = self._finished_result(step_dir, state)
+                await self._ensure_event(result.final, state)
+                await self._progress_from(result, done=True)
+                return result
+            await asyncio.to_thread(self._restore, step_dir, state)
+            resumed_from = self._checkpointed_step = self.global_step
+            sha256 = sha256_file(step_dir / "model.safetensors")
+            await self._ensure_event(SavedCheckpoint(self.global_step, step_dir, sha256, False),
+                                     state)  # fmt: skip
+            self.log.info("resuming", step=self.global_step, checkpoint=str(step_dir),
+                          epoch=self.epoch, samples=self.samples_consumed,
+                          start_seq=self.last_sequence + 1)  # fmt: skip
+        else:
+            torch.manual_seed(self.spec.seed + self.rank)  # training randomness is the spec's
+        self._open_trained_samples(resumed_from)
+        try:
+            return await self._train(resumed_from)
+        finally:
+            self._trained_file.close()
+
+    async def _progress_from(self, result: TrainResult, *, done: bool) -> None:
+        record = TrainerProgress(run_id=self.run_id, rank=self.rank, step=result.step,
+                                 samples_consumed=result.samples_consumed,
+                                 last_sequence=result.last_sequence, done=done,
+                                 run_spec_hash=self.spec_hash)  # fmt: skip
+        await self.bus.put_record(progress_key(self.run_id, self.rank), record)
+
+    async def _train(self, resumed_from: int | None) -> TrainResult:
+        train = self.spec.train
         prefetch = self.prefetch or max(4, 2 * train.batch_size)
         stream = SampleStream(
-            self.bus, self.store, self.run_id, spec_hash=self.spec_hash, epochs=train.epochs,
+            self.bus, self.store, self.data_run, spec_hash=self.data_spec_hash,
+            epochs=train.epochs, start_seq=self.last_sequence + 1, first_epoch=self.epoch,
             prefetch=prefetch, fetch_threads=self.fetch_threads,
             aux_size=3 * self.target_hidden, hidden_size=self.target_hidden, service=SERVICE,
         )  # fmt: skip
@@ -397,17 +643,23 @@ class Trainer:
         total_compute = 0.0
         tokens_total = 0
         async with stream:
-            batch = await self._next_batch(reader)
+            if capped and self.global_step >= self.total_steps:
+                batch = None  # resumed at the step cap: only the final checkpoint is missing
+            else:
+                batch = await self._next_batch(reader)
             ended = batch is None and not self._stop.is_set()
-            await self._checkpoint(final=ended)  # step 0; final too when there is no data
+            if resumed_from is None:
+                await self._checkpoint(final=ended)  # step 0; final too when there is no data
             window = _Window(Eagle3Metrics.zeros(train.ttt_length))
             wait_mark = stream.stats.wait_s
             micro = pending_samples = 0
-            grad_norm, lr = float("nan"), self.schedule(0)
+            pending: list[StreamBatch] = []
+            grad_norm, lr = float("nan"), self.schedule(self.global_step)
             while batch is not None:
                 t0 = time.perf_counter()
                 metrics = await asyncio.to_thread(self._forward_backward, batch)
                 micro += 1
+                pending.append(batch)
                 window.metrics = window.metrics + metrics
                 window.samples += batch.num_samples
                 window.tokens += batch.num_tokens
@@ -422,8 +674,13 @@ class Trainer:
                     self.global_step += 1
                     # Position = what the weights have seen: a dropped partial window is not.
                     self.samples_consumed += pending_samples
-                    self.last_sequence, self.epoch = batch.last_sequence, batch.epoch
-                    pending_samples = 0
+                    for seen in pending:
+                        if seen.epoch != self.epoch:
+                            self.epoch, self.epoch_samples = seen.epoch, 0
+                        self.epoch_samples += seen.num_samples
+                    self.last_sequence = batch.last_sequence
+                    self._record_trained(pending)
+                    pending_samples, pending = 0, []
                 elapsed = time.perf_counter() - t0
                 window.compute_s += elapsed
                 total_compute += elapsed
@@ -450,7 +707,7 @@ class Trainer:
                     self._log_window(window, grad_norm, lr)
                 if self._checkpointed_step != self.global_step:
                     await self._checkpoint(final=False)
-            elif self.global_step == 0:
+            elif self.saved and self.saved[-1].final:
                 final = self.saved[-1]  # no data at all: the step-0 checkpoint is the final one
             else:
                 final = await self._checkpoint(final=True)
@@ -463,7 +720,7 @@ class Trainer:
             checkpoints=list(self.saved), history=self.history,
             samples_per_s=self.samples_consumed / wall, tokens_per_s=tokens_total / wall,
             data_wait_fraction=stream.stats.wait_s / busy if busy > 0 else 0.0,
-            stream=dataclasses.asdict(stream.stats),
+            stream=dataclasses.asdict(stream.stats), resumed_from=resumed_from,
         )  # fmt: skip
         self.log.info(
             "training stopped" if stopped else "training done", step=self.global_step,

@@ -95,7 +95,7 @@ async def test_training_learns_and_publishes_checkpoints_events_and_progress(
     final_dir = root / "step-00000024"
     assert result.final is not None and result.final.path == final_dir
     assert sorted(p.name for p in final_dir.iterdir()) == [
-        "config.json", "model.safetensors", "trainer_state.json"]  # fmt: skip
+        "config.json", "model.safetensors", "trainer_state.json", "training_state.pt"]  # fmt: skip
     vocab_map = await vocab_map_of_run(bus, spec)
     loaded = load_draft(final_dir, embedding=load_embedding(target), vocab_map=vocab_map)
     trained = trainer.draft.state_dict()

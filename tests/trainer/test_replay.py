@@ -1,0 +1,84 @@
+"""``specforge replay``: a new run trained on another run's recorded samples stream."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from specforge_common.bus import Bus
+from specforge_common.contracts import CheckpointEvent
+from specforge_common.targets import make_tiny_target
+from specforge_trainer.loop import read_trained_samples
+from tests.support import seed_captured_run, tiny_run_spec
+from tests.trainer import stream_records, train_spec
+from tests.trainer.test_command import SPECFORGE, train_command
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_target(tmp_path_factory.mktemp("target"), arch="llama", seed=0)
+
+
+async def specforge(*argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 180)
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_replay_trains_bit_identical_weights_from_the_recorded_samples(
+    bus: Bus, run_id: str, target: Path, tmp_path: Path, nats_server
+) -> None:
+    spec = tiny_run_spec(run_id, target, tmp_path, train=train_spec(epochs=2))
+    await seed_captured_run(bus, spec, n_train=6, n_eval=1)
+    rc, out, err = await specforge(*train_command(run_id, nats_server.url))
+    assert rc == 0, err
+    replayed = f"{run_id}-b"
+    rc, out, err = await specforge(
+        *SPECFORGE,
+        "replay",
+        "--from-run",
+        run_id,
+        "--run",
+        replayed,
+        "--nats",
+        nats_server.url,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    )
+    assert rc == 0, err
+    final = tmp_path / "runs" / replayed / "checkpoints" / "step-00000006"
+    assert f"final draft: {final}" in out
+
+    stored = await bus.get_run_spec(replayed)
+    assert stored.data_run == run_id and stored.run_id == replayed
+    assert stored.train == spec.train and stored.target == spec.target
+    ours = load_file(tmp_path / "runs" / run_id / "checkpoints" / "step-00000006" /
+                     "model.safetensors")  # fmt: skip
+    theirs = load_file(final / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    log_a = read_trained_samples(tmp_path / "runs" / run_id / "trained_samples.jsonl")
+    log_b = read_trained_samples(tmp_path / "runs" / replayed / "trained_samples.jsonl")
+    assert [e["samples"] for e in log_a] == [e["samples"] for e in log_b] and len(log_b) == 6
+    events = [e for _, e in await stream_records(bus, replayed, "checkpoints", CheckpointEvent)]
+    assert events[-1].final and events[-1].run_spec_hash == stored.spec_hash()
+    source_events = await stream_records(bus, run_id, "checkpoints", CheckpointEvent)
+    assert [e.step for _, e in source_events] == [e.step for e in events]  # A's own, untouched
+
+    # Overrides land in the copied spec; a replay of a replay reads the original samples.
+    again = f"{run_id}-c"
+    rc, out, err = await specforge(*SPECFORGE, "replay", "--from-run", replayed, "--run", again,
+                                   "--set", "train.learning_rate=0.001", "--spec-only",
+                                   "--nats", nats_server.url)  # fmt: skip
+    assert rc == 0, err
+    third = await bus.get_run_spec(again)
+    assert third.data_run == run_id and third.train.learning_rate == 0.001
+    assert third.train.epochs == spec.train.epochs

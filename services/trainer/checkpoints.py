@@ -8,29 +8,39 @@ plain dict of tensors and numbers, read back only with ``torch.load(weights_only
 step dir appears atomically, complete with all three: it is assembled in a hidden staging dir
 and renamed into place. ``latest`` (a text file
 naming the newest step dir) is replaced atomically after each save. Rotation keeps the newest
-``keep_last`` step dirs plus step 0 and every final checkpoint.
+``keep_last`` step dirs plus step 0, every final checkpoint and the best one.
+
+``best`` (a text file naming a step dir, replaced atomically like ``latest``) and
+``best_meta.json`` point at the evaluated checkpoint with the highest simulated acceptance
+length (``update_best``, fed the run's ``EvalResult``s before each save). An eval counts only
+while its step dir exists and still holds the weights it scored (same sha256).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Collection
+import time
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from specforge_common.contracts import EvalResult
 from specforge_common.eagle3 import save_draft
 from specforge_common.eagle3.checkpoint import WEIGHTS_NAME, sha256_file
 from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Draft
 
 __all__ = [
+    "BEST_META_NAME",
+    "BEST_NAME",
     "LATEST_NAME",
     "STATE_NAME",
     "TENSORS_NAME",
@@ -44,6 +54,8 @@ __all__ = [
 STATE_NAME = "trainer_state.json"
 TENSORS_NAME = "training_state.pt"
 LATEST_NAME = "latest"
+BEST_NAME = "best"
+BEST_META_NAME = "best_meta.json"
 STATE_FORMAT = 2  # 2: + training_state.pt and the resume fields of trainer_state.json
 STEP_DIR = re.compile(r"step-(\d{8,})")
 
@@ -76,6 +88,7 @@ def _write_atomic(path: Path, text: str) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -93,11 +106,16 @@ class CheckpointManager:
         self.root = Path(root).absolute()
         self.keep_last = max(1, keep_last)
         self.root.mkdir(parents=True, exist_ok=True)
+        # weights path -> ((inode, size, mtime_ns), sha256): update_best hashes each file once
+        self._sha_cache: dict[Path, tuple[tuple[int, int, int], str]] = {}
         self._remove_staging_leftovers()
 
     def _remove_staging_leftovers(self) -> None:
         for path in self.root.glob(".step-*"):
             shutil.rmtree(path, ignore_errors=True)  # a crash mid-save; never a visible step dir
+        for name in (LATEST_NAME, BEST_NAME, BEST_META_NAME):
+            for path in self.root.glob(f".{name}.*.tmp"):
+                path.unlink(missing_ok=True)  # a crash inside _write_atomic
 
     def step_dirs(self) -> dict[int, Path]:
         """Complete step dirs, by step."""
@@ -115,6 +133,103 @@ class CheckpointManager:
         except FileNotFoundError:
             return None
         return self.root / name if name else None
+
+    def best(self) -> Path | None:
+        """The step dir ``best`` names, or None."""
+        try:
+            name = (self.root / BEST_NAME).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return self.root / name if name else None
+
+    def best_meta(self) -> dict[str, Any] | None:
+        """``best_meta.json`` (step, acceptance, sha256 of the scored weights), or None."""
+        try:
+            return json.loads((self.root / BEST_META_NAME).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _weights_sha256(self, step_dir: Path) -> str | None:
+        """sha256 of a step dir's weights (cached by inode, size and mtime), None if absent."""
+        path = step_dir / WEIGHTS_NAME
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._sha_cache.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        sha256 = sha256_file(path)
+        self._sha_cache[path] = (key, sha256)
+        return sha256
+
+    def update_best(self, evals: Iterable[EvalResult]) -> Path | None:
+        """Point ``best`` at the scored checkpoint with the highest simulated acceptance length.
+
+        Ties go to the earlier step. Results without a (finite) simulated acceptance length are
+        ignored, and so are those whose step dir is gone or holds other weights than the ones
+        scored (sha256). ``best`` and ``best_meta.json`` are rewritten (atomically) only when
+        the choice changes. With no usable result the current best is kept while its dir
+        still holds the weights its meta names; otherwise both files are removed. Returns the
+        best step dir, or None.
+        """
+        dirs = self.step_dirs()
+        scored = [
+            r for r in evals
+            if r.simulated_acceptance_length is not None
+            and math.isfinite(r.simulated_acceptance_length) and r.step in dirs
+        ]  # fmt: skip
+        scored.sort(key=lambda r: (-r.simulated_acceptance_length, r.step))
+        chosen = next(
+            (r for r in scored if self._weights_sha256(dirs[r.step]) == r.checkpoint_sha256), None
+        )
+        current, meta = self.best(), self.best_meta()
+        if chosen is None:
+            if current is not None and meta is not None and current.is_dir():
+                if self._weights_sha256(current) == meta.get("checkpoint_sha256"):
+                    return current
+            self._clear_best()
+            return None
+        path = dirs[chosen.step]
+        same = (
+            current == path and meta is not None
+            and meta.get("step") == chosen.step
+            and meta.get("checkpoint_sha256") == chosen.checkpoint_sha256
+            and meta.get("simulated_acceptance_length") == chosen.simulated_acceptance_length
+        )  # fmt: skip
+        if same:
+            return path
+        new_meta = {
+            "step": chosen.step,
+            "dir": path.name,
+            "simulated_acceptance_length": chosen.simulated_acceptance_length,
+            "serving_acceptance_length": chosen.serving_acceptance_length,
+            "acceptance_rates": list(chosen.acceptance_rates),
+            "checkpoint_sha256": chosen.checkpoint_sha256,
+            "run_spec_hash": chosen.run_spec_hash,
+            "updated_at": time.time(),
+        }
+        # meta first: a crash in between leaves the old pointer with new meta, which the next
+        # update_best call (the meta's sha256 check) rewrites.
+        _write_atomic(self.root / BEST_META_NAME, json.dumps(new_meta, indent=2) + "\n")
+        _write_atomic(self.root / BEST_NAME, path.name + "\n")
+        log.info("best checkpoint", step=chosen.step, path=str(path),
+                 simulated_acceptance_length=chosen.simulated_acceptance_length,
+                 previous=current.name if current is not None else None)  # fmt: skip
+        return path
+
+    def _clear_best(self) -> None:
+        removed = False
+        for name in (BEST_NAME, BEST_META_NAME):
+            try:
+                (self.root / name).unlink()
+                removed = True
+            except FileNotFoundError:
+                pass
+        if removed:
+            _fsync(self.root)
+            log.info("best checkpoint cleared: no scored checkpoint is on disk")
 
     @staticmethod
     def read_state(step_dir: Path) -> dict[str, Any]:
@@ -168,6 +283,9 @@ class CheckpointManager:
                 os.replace(target, old)
             os.replace(staging, target)
             _fsync(self.root)
+            st = (target / WEIGHTS_NAME).stat()
+            self._sha_cache[target / WEIGHTS_NAME] = ((st.st_ino, st.st_size, st.st_mtime_ns),
+                                                      sha256)  # fmt: skip
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if old is not None:
@@ -185,15 +303,16 @@ class CheckpointManager:
             return False
 
     def rotate(self, protect: Collection[int] = ()) -> list[Path]:
-        """Delete step dirs beyond the newest ``keep_last``, sparing step 0, final ones and the
-        ``protect``ed steps (those the evaluator has not scored yet)."""
+        """Delete step dirs beyond the newest ``keep_last``, sparing step 0, final ones, the
+        ``best`` one and the ``protect``ed steps (those the evaluator has not scored yet)."""
         dirs = self.step_dirs()
         keep = set(list(dirs)[-self.keep_last :]) | {0} | set(protect)
-        latest = self.latest()
+        spared = {self.latest(), self.best()}
         removed = []
         for step, path in dirs.items():
-            if step in keep or path == latest or self._is_final(path):
+            if step in keep or path in spared or self._is_final(path):
                 continue
             shutil.rmtree(path, ignore_errors=True)
+            self._sha_cache.pop(path / WEIGHTS_NAME, None)
             removed.append(path)
         return removed

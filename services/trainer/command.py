@@ -5,6 +5,12 @@ the end of the data, then prints the final draft directory and exits 0. SIGTERM 
 a checkpoint at the current step and exit 0 too. A run with checkpoints resumes exactly from the
 latest one (weights, optimizer, RNG, stream position); a run whose latest checkpoint is final is
 finished: the command says so and exits 0. ``--no-resume`` trains from scratch instead.
+
+Under ``torchrun --nproc-per-node N specforge train --run R`` (``WORLD_SIZE > 1`` in the
+environment) every process is one rank of a data-parallel run: gloo on CPU, nccl on CUDA (each
+rank on ``cuda:<LOCAL_RANK>``); see ``specforge_trainer.distributed`` and the trainer loop.
+Spell the run ``--run-id R`` there: torchrun's own parser takes ``--run`` for an abbreviation
+of its ``--run-path`` and refuses it as ambiguous.
 """
 
 from __future__ import annotations
@@ -18,7 +24,13 @@ from specforge_common.cli import add_bus_arguments, bus_config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run id")
+    parser.add_argument(
+        "--run",
+        "--run-id",
+        dest="run",
+        required=True,
+        help="run id (under torchrun write --run-id: torchrun reads --run as its --run-path)",
+    )
     parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -55,8 +67,10 @@ async def _train(args: argparse.Namespace) -> int:
     from specforge_common.bus import Bus, BusError
     from specforge_common.log import bind_context, get_logger
 
+    from .distributed import DistEnv, destroy_process_group
     from .loop import Trainer, TrainerError
 
+    env = DistEnv.from_env()
     bind_context(service="trainer", run=args.run)
     log = get_logger()
     if args.threads:
@@ -64,15 +78,21 @@ async def _train(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and env.world_size > 1:
+        device = f"cuda:{env.local_rank}"
+    name = f"specforge-trainer-{args.run}"
+    if env.world_size > 1:
+        name += f"-rank{env.rank}"
     try:
-        bus = await Bus.connect(bus_config_from_args(args, f"specforge-trainer-{args.run}"))
+        bus = await Bus.connect(bus_config_from_args(args, name))
     except BusError as exc:
         print(f"specforge train: {exc}", file=sys.stderr)
         return 1
     async with bus:
         try:
             trainer = Trainer(bus, args.run, device=device, spec_timeout=args.spec_timeout,
-                              resume=not args.no_resume)  # fmt: skip
+                              resume=not args.no_resume, rank=env.rank,
+                              world_size=env.world_size, local_rank=env.local_rank)  # fmt: skip
         except TrainerError as exc:
             print(f"specforge train: {exc}", file=sys.stderr)
             return 1
@@ -88,6 +108,7 @@ async def _train(args: argparse.Namespace) -> int:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            destroy_process_group()
     if result.already_finished:
         assert result.final is not None
         print(f"run {args.run} is already finished; final draft: {result.final.path}")

@@ -8,6 +8,21 @@ and stops at the ``EndOfSplit`` marker. Later epochs replay from sequence 1 up t
 features must still be in the store). A sample whose tensors are missing, corrupt or malformed
 is dead-lettered with the reason and skipped; the rest of the run goes on.
 
+Sharding (``rank``, ``world_size``, no coordinator): rank ``r`` keeps the SampleRefs whose
+position in the split (the i-th SampleRef of this run's spec in the split, in stream order,
+i = 0, 1, ...) satisfies ``i % world_size == r``. Positions, not stream sequences, so the eval
+samples interleaved in the same stream do not unbalance the ranks. A sharded stream always
+replays from sequence 1 to count positions (reading refs only) and fetches nothing before
+``start_seq``.
+
+Epoch shuffle (``shuffle_window > 1``): epochs after the first are read through a seeded window
+buffer of ``shuffle_window`` refs (each incoming ref replaces a randomly drawn buffered one, which
+is emitted; the rest is emitted shuffled at the marker), so each epoch's order is a pure function
+of (this rank's stream order, ``shuffle_seed``, epoch); epoch 0 stays in stream order. A shuffled
+epoch is always replayed from sequence 1; ``start_index`` skips the first items of the first
+epoch's order (``StreamSample.index`` numbers them, dead-lettered ones included) for a resume.
+Not wired to the trainer yet: ``TrainSpec`` has no shuffle field.
+
 ``BatchReader`` groups samples into batches of ``batch_size`` (never across an epoch boundary;
 the last, partial batch of an epoch is used) and looks one sample ahead, so a batch knows whether
 it is the last one of the run. ``collate`` right-pads a batch into a ``TrainBatch``.
@@ -19,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +73,7 @@ class StreamSample:
     epoch: int
     ref: SampleRef
     tensors: dict[str, torch.Tensor]
+    index: int = -1  # position in its epoch's order (of this rank's shard)
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +96,7 @@ class _Pending:
     epoch: int
     ref: SampleRef
     future: asyncio.Future[dict[str, torch.Tensor]]
+    index: int = -1
 
 
 @dataclass
@@ -111,7 +129,17 @@ class SampleStream:
         aux_size: int | None = None,
         hidden_size: int | None = None,
         service: str = "trainer",
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_window: int = 0,
+        shuffle_seed: int = 0,
+        start_index: int = 0,
     ) -> None:
+        self.shuffle_window, self.shuffle_seed = shuffle_window, shuffle_seed
+        self.start_index = start_index
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.rank, self.world_size = rank, world_size
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         if not 0 <= first_epoch <= epochs:
@@ -201,7 +229,7 @@ class SampleStream:
                     await self._dead_letter(item, exc)
                     continue
                 self.stats.samples += 1
-                return StreamSample(item.seq, item.epoch, item.ref, tensors)
+                return StreamSample(item.seq, item.epoch, item.ref, tensors, item.index)
         finally:
             self.stats.wait_s += time.perf_counter() - started
 
@@ -251,8 +279,29 @@ class SampleStream:
     async def _replay_epoch(self, epoch: int, start: int) -> None:
         assert self._queue is not None and self._pool is not None
         loop = asyncio.get_running_loop()
-        self.log.info("reading samples", split=self.split, epoch=epoch, start_seq=start)
-        replay = self.bus.replay(self.run_id, self.split, start, follow=True)
+        shuffled = self.shuffle_window > 1 and epoch > 0
+        sharded = self.world_size > 1
+        if shuffled:
+            start = 1  # a resume inside a shuffled epoch skips by index instead
+        skip = self.start_index if epoch == self.first_epoch else 0
+        self.log.info("reading samples", split=self.split, epoch=epoch, start_seq=start,
+                      rank=self.rank, world_size=self.world_size, shuffled=shuffled,
+                      start_index=skip)  # fmt: skip
+        rng = random.Random(f"{self.shuffle_seed}:{epoch}")  # str seeds are stable (sha512)
+        window: list[tuple[int, SampleRef]] = []
+        emitted = 0
+
+        async def emit(seq: int, ref: SampleRef) -> None:
+            nonlocal emitted
+            index, emitted = emitted, emitted + 1
+            if index < skip:
+                return
+            future = loop.run_in_executor(self._pool, self._fetch, ref)
+            await self._queue.put(_Pending(seq, epoch, ref, future, index))
+
+        position = 0  # of the next SampleRef in the split (sharded streams only)
+        ended = False
+        replay = self.bus.replay(self.run_id, self.split, 1 if sharded else start, follow=True)
         async with contextlib.aclosing(replay) as records:
             async for seq, record in records:
                 if record.run_spec_hash != self.spec_hash:
@@ -269,12 +318,31 @@ class SampleStream:
                         self.stats.end_sequence = seq
                     self.log.info("end of split", split=self.split, epoch=epoch, seq=seq,
                                   samples_published=record.samples_published)  # fmt: skip
-                    return
+                    ended = True
+                    break
                 if self.stats.end_sequence is not None and seq > self.stats.end_sequence:
-                    return  # never past the first marker in later epochs
-                future = loop.run_in_executor(self._pool, self._fetch, record)
-                await self._queue.put(_Pending(seq, epoch, record, future))
-        raise RuntimeError(f"replay of {self.run_id}/{self.split} ended without an EndOfSplit")
+                    ended = True  # never past the first marker in later epochs
+                    break
+                if sharded:
+                    mine = position % self.world_size == self.rank
+                    position += 1
+                    if not mine:
+                        continue
+                if seq < start:
+                    continue
+                if not shuffled:
+                    await emit(seq, record)
+                elif len(window) < self.shuffle_window:
+                    window.append((seq, record))
+                else:
+                    j = rng.randrange(len(window))
+                    out, window[j] = window[j], (seq, record)
+                    await emit(*out)
+        if not ended:
+            raise RuntimeError(f"replay of {self.run_id}/{self.split} ended without an EndOfSplit")
+        rng.shuffle(window)
+        for item in window:
+            await emit(*item)
 
 
 @dataclass

@@ -25,6 +25,25 @@ Every optimizer step appends ``{"step", "epoch", "rank", "seqs", "samples"}`` to
 ``<output_dir>/<run>/trained_samples.jsonl`` (rank > 0: ``trained_samples.rank<N>.jsonl``);
 a resume cuts it back to the checkpoint's step, so it lists exactly what the weights saw.
 
+Multi-rank (``world_size > 1``, under torchrun; see ``distributed.py``): the process group is
+joined in ``setup`` (gloo on CPU, nccl on CUDA) and the draft is wrapped in DDP (only the
+trainable parameters take part). Each rank reads its shard of the split (``SampleStream``:
+position in split ``% world_size == rank``). Every micro-step starts with one small all-reduce
+(MAX) of ``[have a batch, have more after it, stop requested]``, so all ranks agree on the
+accumulation boundary, the end of data and a stop: a rank whose shard ran out while others still
+have data runs a zero-loss forward/backward on a dummy batch (zero gradients, same collectives),
+so all ranks make the same number of optimizer steps. As DDP averages gradients over all
+ranks, such a step weighs the remaining ranks' gradients by ``1 / world_size`` (like a smaller
+global batch); it only happens in the last optimizer steps of a run, and its trained-samples
+entry lists no samples. The global batch of one
+optimizer step is ``world_size * batch_size * accumulation_steps`` samples; non-boundary
+micro-steps run under ``no_sync()`` (one gradient all-reduce per optimizer step), clipping uses
+the global norm of the all-reduced gradients, the metric sums are all-reduced (SUM) before any
+ratio is logged. Only rank 0 writes checkpoints (with every rank's position, sample count, epoch
+and CPU RNG state, gathered at the checkpoint) and publishes CheckpointEvents; every rank writes
+its own ``TrainerProgress`` and trained-samples log. The LR schedule counts the optimizer steps
+of the largest shard (``ceil(train / world_size)`` samples).
+
 Replay: a spec with ``data_run`` set trains on that run's samples log, enqueue summary and
 vocab map (its SampleRefs carry the data run's spec hash); checkpoints and events are the run's
 own.
@@ -38,6 +57,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +82,16 @@ from specforge_common.subjects import RunSubjects, enqueue_key, progress_key
 from specforge_common.targets import load_embedding, load_lm_head, resolve_aux_layer_ids
 
 from .checkpoints import CheckpointManager, SavedCheckpoint, checkpoints_root, sha256_file
-from .data import BatchReader, SampleStream, StreamBatch
+from .data import BatchReader, SampleStream, StreamBatch, collate
+from .distributed import (
+    DistEnv,
+    DraftModule,
+    all_gather_objects,
+    all_reduce_flags,
+    all_reduce_metrics,
+    all_reduce_sum,
+    init_process_group,
+)
 from .schedule import LRSchedule, total_optimizer_steps
 
 __all__ = ["TrainResult", "Trainer", "TrainerError", "build_draft", "load_vocab_map"]
@@ -187,6 +216,7 @@ class _Window:
     """What accumulates between two log lines."""
 
     metrics: Eagle3Metrics
+    micro_steps: int = 0  # the same on every rank (dummy steps count)
     samples: int = 0
     tokens: int = 0
     compute_s: float = 0.0
@@ -207,6 +237,8 @@ class TrainResult:
     tokens_per_s: float
     data_wait_fraction: float
     stream: dict[str, Any]
+    rank: int = 0
+    world_size: int = 1
     resumed_from: int | None = None  # the step of the checkpoint this run resumed from
     already_finished: bool = False  # the run had a final checkpoint: nothing was trained
 
@@ -229,14 +261,21 @@ class Trainer:
         fetch_threads: int = 2,
         resume: bool = False,
         world_size: int = 1,
+        local_rank: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise TrainerError(f"rank {rank} is outside world size {world_size}")
         self.bus, self.run_id, self.rank = bus, run_id, rank
         self.resume, self.world_size = resume, world_size
+        self.local_rank = rank if local_rank is None else local_rank
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainerError("--device cuda was asked for but torch sees no CUDA device")
+        if self.device.type == "cuda" and world_size > 1 and self.device.index is None:
+            self.device = torch.device("cuda", self.local_rank)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
         self.spec_timeout, self.summary_timeout = spec_timeout, summary_timeout
         self.prefetch, self.fetch_threads = prefetch, fetch_threads
         self.subjects = RunSubjects(run_id)
@@ -312,9 +351,17 @@ class Trainer:
                                      attention=spec.train.attention)  # fmt: skip
         train = spec.train
         self.params = [p for p in self.draft.parameters() if p.requires_grad]
+        self.compute: torch.nn.Module = DraftModule(self.draft, self.strategy)
+        if self.world_size > 1:
+            env = DistEnv(self.rank, self.world_size, self.local_rank)
+            await loop.run_in_executor(None, init_process_group, env, self.device)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.compute, device_ids=ids)
+            self.compute = self.ddp
         self.optimizer = torch.optim.AdamW(self.params, lr=train.learning_rate, betas=(0.9, 0.999),
                                            eps=1e-8, weight_decay=train.weight_decay)  # fmt: skip
-        self.total_steps = total_optimizer_steps(train, summary.train)
+        shard = math.ceil(summary.train / self.world_size)  # the largest rank's share
+        self.total_steps = total_optimizer_steps(train, shard)
         self.schedule = LRSchedule.from_train_spec(train, self.total_steps)
         self.checkpoints = CheckpointManager(
             checkpoints_root(spec.output_dir, self.run_id), keep_last=train.keep_last
@@ -331,13 +378,31 @@ class Trainer:
 
     # --- compute (worker thread) -----------------------------------------------------------
 
-    def _forward_backward(self, batch: StreamBatch) -> Eagle3Metrics:
-        train_batch = batch.collate().to(self.device)
+    def _dummy_batch(self) -> Any:
+        """A tiny finite batch for the zero-loss step of a rank whose shard ran out."""
+        T, H = 4, self.target_hidden
+        return collate([{
+            "input_ids": torch.zeros(T, dtype=torch.int64),
+            "loss_mask": torch.ones(T, dtype=torch.int64),
+            "aux_hidden_states": torch.zeros(T, 3 * H), "hidden_states": torch.zeros(T, H),
+        }])  # fmt: skip
+
+    def _forward_backward(self, batch: StreamBatch | None, sync: bool = True) -> Eagle3Metrics:
+        """One micro-step; ``batch=None``: a zero-loss step (zero gradients, same collectives).
+        ``sync=False`` (DDP, not an optimizer-step boundary): no gradient all-reduce."""
+        train_batch = (self._dummy_batch() if batch is None else batch.collate()).to(self.device)
         cuda = self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            out = self.strategy(train_batch)
-        (out.loss / self.spec.train.accumulation_steps).backward()
-        return out.metrics
+        no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
+        with no_sync:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                loss, metrics = self.compute(train_batch)
+            if batch is None:
+                (loss * 0.0).backward()
+            else:
+                (loss / self.spec.train.accumulation_steps).backward()
+        if batch is None:
+            return Eagle3Metrics.zeros(self.spec.train.ttt_length, metrics.step_weight_decay)
+        return metrics
 
     def _optimizer_step(self, micro_batches: int, step: int) -> tuple[float, float]:
         accumulation = self.spec.train.accumulation_steps
@@ -379,7 +444,15 @@ class Trainer:
             pass
         return None
 
-    def _state(self) -> dict[str, Any]:
+    def _position(self) -> dict[str, Any]:
+        """This rank's part of a checkpoint (gathered on rank 0)."""
+        return {"last_sequence": self.last_sequence, "samples_consumed": self.samples_consumed,
+                "epoch": self.epoch, "epoch_samples": self.epoch_samples}  # fmt: skip
+
+    def _state(self, positions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        positions = positions or [self._position()]
+        by_rank = {str(r): p for r, p in enumerate(positions)} if len(positions) > 1 else {
+            str(self.rank): positions[0]}  # fmt: skip
         return {
             "run_id": self.run_id,
             "data_run": self.data_run,
@@ -387,9 +460,12 @@ class Trainer:
             "world_size": self.world_size,
             "strategy": self.spec.draft.strategy,
             "global_step": self.global_step,
-            "samples_consumed": self.samples_consumed,
+            "samples_consumed": sum(p["samples_consumed"] for p in positions),
             "last_sequence": self.last_sequence,
-            "last_sequence_by_rank": {str(self.rank): self.last_sequence},
+            "last_sequence_by_rank": {r: p["last_sequence"] for r, p in by_rank.items()},
+            "samples_consumed_by_rank": {r: p["samples_consumed"] for r, p in by_rank.items()},
+            "epoch_by_rank": {r: p["epoch"] for r, p in by_rank.items()},
+            "epoch_samples_by_rank": {r: p["epoch_samples"] for r, p in by_rank.items()},
             "epoch": self.epoch,
             "epoch_samples": self.epoch_samples,
             "total_steps": self.total_steps,
@@ -403,23 +479,38 @@ class Trainer:
     async def _checkpoint(self, *, final: bool) -> SavedCheckpoint:
         step = self.global_step
         unevaluated: set[int] = set()
-        if self.spec.train.keep_unevaluated:  # the evaluator may lag behind the trainer
-            runs = self.bus.records(self.run_id, "evals", EvalResult)
-            evaluated = {r.step async for _, r in runs}
-            unevaluated = set(self.checkpoints.step_dirs()) - evaluated
+        if self.rank == 0:
+            evals = [r async for _, r in self.bus.records(self.run_id, "evals", EvalResult)]
+            if self.spec.train.keep_unevaluated:  # the evaluator may lag behind the trainer
+                unevaluated = set(self.checkpoints.step_dirs()) - {r.step for r in evals}
+            await asyncio.to_thread(self.checkpoints.update_best, evals)  # rotation spares it
         self._flush_trained_samples(sync=True)  # on disk before the checkpoint that covers it
-        saved = await asyncio.to_thread(
-            self.checkpoints.save, self.draft, step, self._state(), final=final,
-            protect=unevaluated, tensors=self._tensors(),
-        )  # fmt: skip
-        event = CheckpointEvent(
-            run_id=self.run_id, step=step, final=final, samples_consumed=self.samples_consumed,
-            last_sequence={self.rank: self.last_sequence}, checkpoint_uri=str(saved.path),
-            checkpoint_sha256=saved.sha256, metrics=dict(self.latest_metrics),
-            run_spec_hash=self.spec_hash,
-        )  # fmt: skip
-        msg_id = f"ckpt:{self.run_id}:{step}"
-        await self.bus.publish(self.subjects.checkpoints, event, msg_id=msg_id)
+        gathered: list[tuple[dict[str, Any], torch.Tensor]] = [(self._position(),
+                                                                torch.get_rng_state())]  # fmt: skip
+        if self.world_size > 1:  # a collective: every rank comes here at the same step
+            gathered = await asyncio.to_thread(all_gather_objects, gathered[0])
+        saved: SavedCheckpoint | None = None
+        if self.rank == 0:
+            state = self._state([p for p, _ in gathered])
+            tensors = self._tensors()
+            if self.world_size > 1:
+                tensors["rng_cpu_by_rank"] = [rng for _, rng in gathered]
+            saved = await asyncio.to_thread(
+                self.checkpoints.save, self.draft, step, state, final=final,
+                protect=unevaluated, tensors=tensors,
+            )  # fmt: skip
+            event = CheckpointEvent(
+                run_id=self.run_id, step=step, final=final,
+                samples_consumed=int(state["samples_consumed"]),
+                last_sequence={int(r): int(q) for r, q in state["last_sequence_by_rank"].items()},
+                checkpoint_uri=str(saved.path), checkpoint_sha256=saved.sha256,
+                metrics=dict(self.latest_metrics), run_spec_hash=self.spec_hash,
+            )  # fmt: skip
+            msg_id = f"ckpt:{self.run_id}:{step}"
+            await self.bus.publish(self.subjects.checkpoints, event, msg_id=msg_id)
+        if self.world_size > 1:  # the other ranks learn where rank 0 saved it
+            saved = (await asyncio.to_thread(all_gather_objects, saved))[0]
+        assert saved is not None
         self.saved.append(saved)
         self._checkpointed_step = step
         return saved
@@ -488,18 +579,27 @@ class Trainer:
             raise TrainerError(f"cannot resume from {step_dir}: weights do not fit the draft "
                                f"(missing {missing}, unexpected {unexpected})")  # fmt: skip
         self.optimizer.load_state_dict(tensors["optimizer"])
-        torch.set_rng_state(tensors["rng_cpu"])
+        rngs = tensors.get("rng_cpu_by_rank")
+        if rngs is not None and self.rank < len(rngs):
+            torch.set_rng_state(rngs[self.rank])
+        else:
+            torch.set_rng_state(tensors["rng_cpu"])
         if "rng_cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(tensors["rng_cuda"])
+        me = str(self.rank)
         self.global_step = int(state["step"])
-        self.samples_consumed = int(state["samples_consumed"])
-        self.last_sequence = int(state["last_sequence_by_rank"][str(self.rank)])
-        self.epoch = int(state["epoch"])
-        self.epoch_samples = int(state.get("epoch_samples", 0))
+        self.samples_consumed = int(state.get("samples_consumed_by_rank", {}).get(
+            me, state["samples_consumed"]))  # fmt: skip
+        self.last_sequence = int(state["last_sequence_by_rank"][me])
+        self.epoch = int(state.get("epoch_by_rank", {}).get(me, state["epoch"]))
+        self.epoch_samples = int(state.get("epoch_samples_by_rank", {}).get(
+            me, state.get("epoch_samples", 0)))  # fmt: skip
         self.latest_metrics = dict(state.get("metrics") or {})
 
     async def _ensure_event(self, saved: SavedCheckpoint, state: dict[str, Any]) -> None:
         """Publish the checkpoint's event if a crash came between the save and the publish."""
+        if self.rank != 0:
+            return
         async for _, event in self.bus.records(self.run_id, "checkpoints", CheckpointEvent):
             if event.step == saved.step:
                 return
@@ -552,9 +652,14 @@ class Trainer:
         await self.bus.put_record(progress_key(self.run_id, self.rank), record)
 
     def _log_window(self, window: _Window, grad_norm: float, lr: float) -> dict[str, float]:
+        """One log line of the window's metrics, summed over the ranks (a collective)."""
         wall = max(time.perf_counter() - window.started, 1e-9)
         busy = window.compute_s + window.wait_s
-        summary = window.metrics.summary()
+        metrics, samples, tokens = window.metrics, window.samples, window.tokens
+        if self.world_size > 1:
+            metrics = all_reduce_metrics(metrics)
+            samples, tokens = all_reduce_sum([float(samples), float(tokens)])
+        summary = metrics.summary()
         K = self.spec.train.ttt_length
         entry: dict[str, float] = {
             "step": float(self.global_step),
@@ -565,8 +670,8 @@ class Trainer:
             **{f"acc_{k}": summary[f"acc_{k}"] for k in range(K)},
             "acc": summary["acc"],
             "simulated_acc_len": summary["simulated_acc_len"],
-            "samples_per_s": window.samples / wall,
-            "tokens_per_s": window.tokens / wall,
+            "samples_per_s": samples / wall,
+            "tokens_per_s": tokens / wall,
             "data_wait": window.wait_s / busy if busy > 0 else 0.0,
         }
         self.log.info("train", **{k: (int(v) if k in ("step", "epoch") else round(v, 6))
@@ -627,6 +732,14 @@ class Trainer:
                                  run_spec_hash=self.spec_hash)  # fmt: skip
         await self.bus.put_record(progress_key(self.run_id, self.rank), record)
 
+    async def _agree(self, batch: StreamBatch | None) -> tuple[bool, bool, bool]:
+        """(some rank has a batch, some rank has data after it, some rank was told to stop)."""
+        flags = [int(batch is not None), int(batch is not None and not batch.last),
+                 int(self._stop.is_set())]  # fmt: skip
+        if self.world_size > 1:  # off the event loop: a rank may wait for the others' data
+            flags = await asyncio.to_thread(all_reduce_flags, flags)
+        return bool(flags[0]), bool(flags[1]), bool(flags[2])
+
     async def _train(self, resumed_from: int | None) -> TrainResult:
         train = self.spec.train
         prefetch = self.prefetch or max(4, 2 * train.batch_size)
@@ -635,6 +748,7 @@ class Trainer:
             epochs=train.epochs, start_seq=self.last_sequence + 1, first_epoch=self.epoch,
             prefetch=prefetch, fetch_threads=self.fetch_threads,
             aux_size=3 * self.target_hidden, hidden_size=self.target_hidden, service=SERVICE,
+            rank=self.rank, world_size=self.world_size,
         )  # fmt: skip
         reader = BatchReader(stream, train.batch_size)
         capped = train.total_steps is not None
@@ -647,7 +761,8 @@ class Trainer:
                 batch = None  # resumed at the step cap: only the final checkpoint is missing
             else:
                 batch = await self._next_batch(reader)
-            ended = batch is None and not self._stop.is_set()
+            any_batch, any_more, any_stop = await self._agree(batch)
+            ended = not any_batch and not any_stop
             if resumed_from is None:
                 await self._checkpoint(final=ended)  # step 0; final too when there is no data
             window = _Window(Eagle3Metrics.zeros(train.ttt_length))
@@ -655,17 +770,20 @@ class Trainer:
             micro = pending_samples = 0
             pending: list[StreamBatch] = []
             grad_norm, lr = float("nan"), self.schedule(self.global_step)
-            while batch is not None:
+            while any_batch and not any_stop:
                 t0 = time.perf_counter()
-                metrics = await asyncio.to_thread(self._forward_backward, batch)
+                # Every rank agrees on the boundary: the window is full, or no rank has more.
+                stepped = micro + 1 == train.accumulation_steps or not any_more
+                metrics = await asyncio.to_thread(self._forward_backward, batch, stepped)
                 micro += 1
-                pending.append(batch)
+                window.micro_steps += 1
                 window.metrics = window.metrics + metrics
-                window.samples += batch.num_samples
-                window.tokens += batch.num_tokens
-                tokens_total += batch.num_tokens
-                pending_samples += batch.num_samples
-                stepped = micro == train.accumulation_steps or batch.last
+                if batch is not None:
+                    pending.append(batch)
+                    window.samples += batch.num_samples
+                    window.tokens += batch.num_tokens
+                    tokens_total += batch.num_tokens
+                    pending_samples += batch.num_samples
                 if stepped:
                     grad_norm, lr = await asyncio.to_thread(
                         self._optimizer_step, micro, self.global_step
@@ -678,14 +796,15 @@ class Trainer:
                         if seen.epoch != self.epoch:
                             self.epoch, self.epoch_samples = seen.epoch, 0
                         self.epoch_samples += seen.num_samples
-                    self.last_sequence = batch.last_sequence
+                    if pending:
+                        self.last_sequence = pending[-1].last_sequence
                     self._record_trained(pending)
                     pending_samples, pending = 0, []
                 elapsed = time.perf_counter() - t0
                 window.compute_s += elapsed
                 total_compute += elapsed
                 if stepped:
-                    ended = batch.last or (capped and self.global_step >= self.total_steps)
+                    ended = not any_more or (capped and self.global_step >= self.total_steps)
                     if self.global_step % train.log_every == 0 or ended:
                         window.wait_s = stream.stats.wait_s - wait_mark
                         self._log_window(window, grad_norm, lr)
@@ -696,13 +815,12 @@ class Trainer:
                         break
                     if self.global_step % train.checkpoint_every == 0:
                         await self._checkpoint(final=False)
-                if self._stop.is_set():
-                    break
                 batch = await self._next_batch(reader)
-                ended = batch is None and not self._stop.is_set()
+                any_batch, any_more, any_stop = await self._agree(batch)
+                ended = not any_batch and not any_stop
             stopped = not ended
             if stopped:
-                if window.samples:  # steps since the last log line (a partial window is dropped)
+                if window.micro_steps:  # steps since the last log (a partial window is dropped)
                     window.wait_s = stream.stats.wait_s - wait_mark
                     self._log_window(window, grad_norm, lr)
                 if self._checkpointed_step != self.global_step:
@@ -721,6 +839,7 @@ class Trainer:
             samples_per_s=self.samples_consumed / wall, tokens_per_s=tokens_total / wall,
             data_wait_fraction=stream.stats.wait_s / busy if busy > 0 else 0.0,
             stream=dataclasses.asdict(stream.stats), resumed_from=resumed_from,
+            rank=self.rank, world_size=self.world_size,
         )  # fmt: skip
         self.log.info(
             "training stopped" if stopped else "training done", step=self.global_step,

@@ -29,9 +29,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.report import BenchReport
-from bench.train_step import CONFIG
+from bench.train_step import CONFIG, bench_draft_config
 from specforge_common.eagle3 import VocabMap, apply_vocab_map, load_draft, save_draft
-from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
+from specforge_common.models.eagle3 import Eagle3Draft
 from specforge_trainer.checkpoints import (
     STATE_NAME,
     TENSORS_NAME,
@@ -52,12 +52,7 @@ def _seconds(fn: Callable[[], object]) -> float:
 def _setup() -> tuple[Eagle3Draft, torch.Tensor, VocabMap, dict, torch.optim.Optimizer]:
     torch.manual_seed(0)
     c = CONFIG
-    config = Eagle3Config(
-        hidden_size=c["hidden"], intermediate_size=c["intermediate"],
-        num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
-        vocab_size=c["vocab"], draft_vocab_size=c["draft_vocab"],
-    )  # fmt: skip
-    draft = Eagle3Draft(config).float()
+    draft = Eagle3Draft(bench_draft_config()).float()
     kept = torch.randperm(c["vocab"])[: c["draft_vocab"]].sort().values  # a realistic sparse map
     t2d = torch.zeros(c["vocab"], dtype=torch.bool)
     t2d[kept] = True

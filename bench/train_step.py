@@ -18,21 +18,28 @@ CONFIG = dict(hidden=1024, intermediate=2816, heads=16, kv_heads=4, vocab=32000,
               seq=1024, ttt=7, steps=2)  # fmt: skip
 
 
+def bench_draft_config():
+    """The issue's CPU bench draft: hidden 1024, target vocab 32000, draft vocab 8000."""
+    from specforge_common.models.eagle3 import Eagle3Config
+
+    c = CONFIG
+    return Eagle3Config(
+        hidden_size=c["hidden"], intermediate_size=c["intermediate"],
+        num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
+        vocab_size=c["vocab"], draft_vocab_size=c["draft_vocab"],
+    )  # fmt: skip
+
+
 def _case(attention: str, queue: multiprocessing.Queue) -> None:
     import torch
 
     from specforge_common.batch import TrainBatch
     from specforge_common.eagle3.strategy import Eagle3Strategy
-    from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
+    from specforge_common.models.eagle3 import Eagle3Draft
 
     torch.manual_seed(0)
     c = CONFIG
-    config = Eagle3Config(
-        hidden_size=c["hidden"], intermediate_size=c["intermediate"],
-        num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
-        vocab_size=c["vocab"], draft_vocab_size=c["draft_vocab"],
-    )  # fmt: skip
-    draft = Eagle3Draft(config)
+    draft = Eagle3Draft(bench_draft_config())
     draft.t2d[: c["draft_vocab"]] = True
     head = torch.randn(c["vocab"], c["hidden"]) * 0.02
     T = c["seq"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ["featurestore", "bus", "train_step", "capture", "pipeline", "checkpoints"]
+SUITES = ["featurestore", "bus", "train_step", "capture", "pipeline", "checkpoints", "distributed"]
 
 
 def main(argv: list[str]) -> int:

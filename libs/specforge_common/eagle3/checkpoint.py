@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
 
 from specforge_common.eagle3.vocab import HASH_KEY, VocabMap, VocabMapMismatch, vocab_map_of
 from specforge_common.log import get_logger
@@ -195,7 +196,7 @@ def save_draft(
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _fsync(config_path)
         weights_path = tmp / WEIGHTS_NAME
-        save_file(state, str(weights_path), metadata=file_metadata)
+        weights_path.write_bytes(_deterministic_safetensors(state, file_metadata))
         _fsync(weights_path)
         _fsync(tmp)
         if out_dir.exists():
@@ -459,6 +460,26 @@ def _fill_vocab_buffers(
             f"V_d={vocab_map.draft_vocab_size}) was given; its lm_head rows belong to the first"
         )
     state["t2d"], state["d2t"] = stored_map.t2d, stored_map.d2t
+
+
+def _deterministic_safetensors(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> bytes:
+    """safetensors bytes whose header lists the metadata in sorted order.
+
+    The library writes ``__metadata__`` from a hash map, so the same weights would otherwise get
+    different bytes (and a different sha256) on every save. Reordering a JSON object keeps its
+    length, so the data offsets stay valid.
+    """
+    data = bytearray(safetensors_save(dict(tensors), metadata=dict(metadata)))
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > length:  # cannot happen for a reordering; refuse rather than corrupt
+        raise CheckpointError("safetensors header grew while sorting its metadata")
+    data[8 : 8 + length] = text.ljust(length, b" ")
+    return bytes(data)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -465,3 +465,17 @@ def test_bf16_round_trip_keeps_dtype_and_bytes(tmp_path: Path) -> None:
         assert got.dtype == value.dtype, key
         assert torch.equal(got.view(torch.uint8), value.view(torch.uint8)), key
     assert loaded._inv_freq.dtype == torch.float64  # rotary angles stay fp32
+
+
+def test_saving_the_same_weights_twice_gives_identical_bytes(tmp_path: Path) -> None:
+    """The CheckpointEvent's sha256 identifies the weights, not the save."""
+    import hashlib
+
+    draft = make_draft()
+    digests = set()
+    for i in range(4):
+        save_draft(draft, tmp_path / f"copy-{i}", metadata={"b": "2", "a": "1", "c": "3"})
+        digests.add(
+            hashlib.sha256((tmp_path / f"copy-{i}" / "model.safetensors").read_bytes()).hexdigest()
+        )
+    assert len(digests) == 1

@@ -3,9 +3,9 @@
 One embedded nats-server, a ``file://`` feature store and the seeded tiny Llama target of
 ``bench/pipeline.py`` (hidden 128), all in a temp dir. Two runs get identical captured samples
 (same seed: ``N_TRAIN`` train + ``N_EVAL`` eval samples of 64-128 random tokens, loss mask on the
-last 2/3), written the way ``tests/support.py::seed_captured_run`` writes them (SampleRefs,
-vocab map, EnqueueSummary, EndOfSplit markers); the logic is copied here so the bench does not
-import from ``tests/``. Then, to the end of data (1 epoch):
+last 2/3), published by ``tests/support.py::seed_captured_run`` (SampleRefs, vocab map,
+EnqueueSummary, EndOfSplit markers — what enqueue + capture would leave). Then, to the end of
+data (1 epoch):
 
 - run A: ``specforge train --run-id A`` (the CLI as a subprocess), 1 rank, batch ``BATCH``,
   ``OMP_NUM_THREADS=2`` / ``--threads 2``;
@@ -21,7 +21,6 @@ writes included). For 2 ranks the rate is both ranks' samples over the slower ra
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import socket
@@ -37,17 +36,13 @@ from bench.report import BenchReport
 from specforge_common.bus import Bus, BusConfig
 from specforge_common.contracts import (
     DraftSpec,
-    EndOfSplit,
-    EnqueueSummary,
     RunSpec,
-    SampleRef,
     TargetSpec,
     TrainSpec,
 )
-from specforge_common.featurestore import open_store
 from specforge_common.log import configure_logging
 from specforge_common.nats_server import NatsServer
-from specforge_common.subjects import enqueue_key
+from tests.support import seed_captured_run
 
 N_TRAIN = 96
 N_EVAL = 4
@@ -58,7 +53,7 @@ WORLD = 2
 TIMEOUT_S = 120  # per training command
 # Interleaved repetitions (A, B, A, B) on the same two runs, retrained from scratch with
 # --no-resume; the best repetition of each counts (interference only slows a case down).
-REPS = 2
+REPS = 3
 TARGET = dict(
     vocab_size=512,
     hidden_size=128,
@@ -90,82 +85,16 @@ def _spec(run_id: str, target_dir: Path, work: Path, batch_size: int) -> RunSpec
     )
 
 
-def _sample_id(run_id: str, prompt_id: str, spec_hash: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in prompt_id)[:64]
-    digest = hashlib.sha256(f"{run_id}:{prompt_id}:{spec_hash}".encode()).hexdigest()[:16]
-    return f"{safe}-{digest}"
-
-
-async def _seed_captured_run(bus: Bus, spec: RunSpec, engine) -> int:
-    """What tests/support.py::seed_captured_run does (copied). Returns the train tokens."""
-    from specforge_common.eagle3.vocab import TokenCounter, build_vocab_map
-
-    subjects = await bus.ensure_streams(spec.run_id)
-    await bus.put_run_spec(spec)
-    spec_hash = spec.spec_hash()
-    store = open_store(spec.store_uri)
-    gen = torch.Generator().manual_seed(SEED)
-    vocab = engine.info.vocab_size
-    counter = TokenCounter()
-    published = {"train": 0, "eval": 0}
-    tokens = 0
-    for i in range(N_TRAIN + N_EVAL):
-        split = "train" if i < N_TRAIN else "eval"
-        length = int(torch.randint(MIN_LEN, MAX_LEN + 1, (1,), generator=gen))
-        input_ids = torch.randint(0, vocab, (length,), generator=gen)
-        loss_mask = torch.zeros(length, dtype=torch.int64)
-        loss_mask[length // 3 :] = 1  # the "assistant" part
-        out = engine.capture(input_ids[None], torch.ones(1, length, dtype=torch.int64))
-        prompt_id = f"p{i}"
-        sample_id = _sample_id(spec.run_id, prompt_id, spec_hash)
-        location = store.put(sample_id, {
-            "input_ids": input_ids, "loss_mask": loss_mask,
-            "aux_hidden_states": out.aux_hidden_states[0].clone(),
-            "hidden_states": out.hidden_states[0].clone(),
-        })  # fmt: skip
-        ref = SampleRef(sample_id=sample_id, run_id=spec.run_id, prompt_id=prompt_id, split=split,
-                        producer="bench", features=location, num_tokens=length,
-                        run_spec_hash=spec_hash)  # fmt: skip
-        await bus.publish(subjects.samples(split), ref, msg_id=sample_id)
-        published[split] += 1
-        if split == "train":
-            counter.update(input_ids, loss_mask)
-            tokens += length
-    vocab_map = build_vocab_map(counter.counts, vocab, spec.draft.draft_vocab_size)
-    vocab_location = store.put(
-        f"{spec.run_id}-vocab-map", {"d2t": vocab_map.d2t, "t2d": vocab_map.t2d}
-    )
-    summary = EnqueueSummary(
-        run_id=spec.run_id,
-        sources=["bench"],
-        train=published["train"],
-        eval=published["eval"],
-        skipped=0,
-        vocab_map=vocab_location,
-        vocab_map_hash=vocab_map.hash(),
-        tokens_counted=counter.num_tokens,
-        run_spec_hash=spec_hash,
-    )
-    await bus.put_record(enqueue_key(spec.run_id), summary, create_only=True)
-    for split in ("train", "eval"):
-        marker = EndOfSplit(
-            run_id=spec.run_id,
-            split=split,
-            producer="bench",
-            samples_published=published[split],
-            run_spec_hash=spec_hash,
-        )
-        await bus.publish(subjects.samples(split), marker, msg_id=f"end:{spec.run_id}:{split}")
-    return tokens
-
-
-async def _seed(url: str, specs: list[RunSpec], target_dir: Path) -> list[int]:
-    from specforge_common.targets import HFTargetEngine
-
+async def _seed(url: str, specs: list[RunSpec]) -> list[int]:
+    """Capture the same samples into each run (as enqueue + capture would); train tokens each."""
     bus = await Bus.connect(BusConfig(servers=(url,), name="bench-distributed"))
     try:
-        engine = HFTargetEngine.from_pretrained(target_dir)
-        return [await _seed_captured_run(bus, spec, engine) for spec in specs]
+        tokens = []
+        for spec in specs:
+            refs = await seed_captured_run(bus, spec, n_train=N_TRAIN, n_eval=N_EVAL,
+                                           min_len=MIN_LEN, max_len=MAX_LEN, seed=SEED)  # fmt: skip
+            tokens.append(sum(r.num_tokens for r in refs["train"]))
+        return tokens
     finally:
         await bus.close()
 
@@ -183,7 +112,8 @@ def _train(run_id: str, url: str, ranks: int, work: Path) -> dict[str, float]:
     env |= {"OMP_NUM_THREADS": str(threads), "SPECFORGE_LOG_FORMAT": "json",
             "SPECFORGE_LOG_LEVEL": "INFO"}  # fmt: skip
     train = ["-m", "specforge_common.cli", "train", "--run-id", run_id, "--nats", url,
-             "--device", "cpu", "--threads", str(threads), "--spec-timeout", "30", "--no-resume"]  # fmt: skip
+             "--device", "cpu", "--threads", str(threads), "--spec-timeout", "30",
+             "--no-resume"]  # fmt: skip
     if ranks == 1:
         cmd = [sys.executable, *train]
     else:
@@ -240,7 +170,7 @@ def run() -> BenchReport:
             target_dir = make_tiny_target(work / "target", arch="llama", seed=0, **TARGET)
             spec_a = _spec("bench-dist-a", target_dir, work, BATCH)
             spec_b = _spec("bench-dist-b", target_dir, work, BATCH // WORLD)
-            tokens = asyncio.run(_seed(server.url, [spec_a, spec_b], target_dir))
+            tokens = asyncio.run(_seed(server.url, [spec_a, spec_b]))
             ones, twos = [], []
             for _ in range(REPS):
                 ones.append(_train(spec_a.run_id, server.url, 1, work))

@@ -101,6 +101,9 @@ class TrainSpec(msgspec.Struct, kw_only=True, frozen=True):
     keep_unevaluated: bool = True
     log_every: int = 10
     attention: Literal["sdpa", "reference"] = "sdpa"
+    # Epochs after the first read through a seeded window buffer of this many samples (seed:
+    # the run's ``seed``); 0 or 1: every epoch in stream order. Epoch 0 is always stream order.
+    shuffle_window: int = 0
 
 
 class CaptureSpec(msgspec.Struct, kw_only=True, frozen=True):

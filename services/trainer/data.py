@@ -21,7 +21,7 @@ is emitted; the rest is emitted shuffled at the marker), so each epoch's order i
 of (this rank's stream order, ``shuffle_seed``, epoch); epoch 0 stays in stream order. A shuffled
 epoch is always replayed from sequence 1; ``start_index`` skips the first items of the first
 epoch's order (``StreamSample.index`` numbers them, dead-lettered ones included) for a resume.
-Not wired to the trainer yet: ``TrainSpec`` has no shuffle field.
+The trainer sets it from ``TrainSpec.shuffle_window`` and the run's seed.
 
 ``BatchReader`` groups samples into batches of ``batch_size`` (never across an epoch boundary;
 the last, partial batch of an epoch is used) and looks one sample ahead, so a batch knows whether

@@ -16,7 +16,10 @@ checkpoint at the current step and returns.
 Exact resume (``resume=True``, what ``specforge train`` does): when the run has a checkpoint
 (the ``latest`` file), its weights, optimizer state, RNG states and counters are loaded and the
 samples log is re-read from the sequence after the checkpoint's position in the same epoch, so
-the batches after the resume are the ones the uninterrupted run would have formed. Resume
+the batches after the resume are the ones the uninterrupted run would have formed. With
+``train.shuffle_window > 1`` epochs after the first are shuffled (``SampleStream``, seeded by
+``spec.seed``); a resume inside such an epoch skips by the checkpoint's ``epoch_index`` (the
+index of the last trained sample in that epoch's order) instead of the sequence. Resume
 refuses (``TrainerError``) when run-spec hash, vocab-map hash, world size or strategy differ
 from the checkpoint's; a final checkpoint means the run is finished (``already_finished``).
 A fresh start seeds torch's global RNG with ``spec.seed + rank``.
@@ -447,7 +450,16 @@ class Trainer:
     def _position(self) -> dict[str, Any]:
         """This rank's part of a checkpoint (gathered on rank 0)."""
         return {"last_sequence": self.last_sequence, "samples_consumed": self.samples_consumed,
-                "epoch": self.epoch, "epoch_samples": self.epoch_samples}  # fmt: skip
+                "epoch": self.epoch, "epoch_samples": self.epoch_samples,
+                "epoch_index": self.epoch_index}  # fmt: skip
+
+    def _start_index(self) -> int:
+        """Where the stream starts in the first epoch's order: a resume inside a shuffled epoch
+        (not epoch 0, which is read in stream order from ``last_sequence + 1``) goes on after
+        the index of the last sample the weights saw in that epoch."""
+        if self.spec.train.shuffle_window > 1 and self.epoch > 0:
+            return self.epoch_index + 1
+        return 0
 
     def _state(self, positions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         positions = positions or [self._position()]
@@ -466,6 +478,7 @@ class Trainer:
             "samples_consumed_by_rank": {r: p["samples_consumed"] for r, p in by_rank.items()},
             "epoch_by_rank": {r: p["epoch"] for r, p in by_rank.items()},
             "epoch_samples_by_rank": {r: p["epoch_samples"] for r, p in by_rank.items()},
+            "epoch_index_by_rank": {r: p["epoch_index"] for r, p in by_rank.items()},
             "epoch": self.epoch,
             "epoch_samples": self.epoch_samples,
             "total_steps": self.total_steps,
@@ -594,6 +607,11 @@ class Trainer:
         self.epoch = int(state.get("epoch_by_rank", {}).get(me, state["epoch"]))
         self.epoch_samples = int(state.get("epoch_samples_by_rank", {}).get(
             me, state.get("epoch_samples", 0)))  # fmt: skip
+        self.epoch_index = int(state.get("epoch_index_by_rank", {}).get(me, -1))
+        shuffled = self.spec.train.shuffle_window > 1 and self.epoch > 0
+        if shuffled and self.epoch_samples > 0 and self.epoch_index < 0:
+            raise TrainerError(f"cannot resume from {step_dir} inside shuffled epoch "
+                               f"{self.epoch}: it has no epoch index for rank {me}")  # fmt: skip
         self.latest_metrics = dict(state.get("metrics") or {})
 
     async def _ensure_event(self, saved: SavedCheckpoint, state: dict[str, Any]) -> None:
@@ -695,7 +713,7 @@ class Trainer:
     async def run(self) -> TrainResult:
         await self.setup()
         self.global_step, self.samples_consumed, self.last_sequence, self.epoch = 0, 0, 0, 0
-        self.epoch_samples = 0
+        self.epoch_samples, self.epoch_index = 0, -1
         self.history: list[dict[str, float]] = []
         self.latest_metrics: dict[str, float] = {}
         self.saved: list[SavedCheckpoint] = []
@@ -749,6 +767,8 @@ class Trainer:
             prefetch=prefetch, fetch_threads=self.fetch_threads,
             aux_size=3 * self.target_hidden, hidden_size=self.target_hidden, service=SERVICE,
             rank=self.rank, world_size=self.world_size,
+            shuffle_window=train.shuffle_window, shuffle_seed=self.spec.seed,
+            start_index=self._start_index(),
         )  # fmt: skip
         reader = BatchReader(stream, train.batch_size)
         capped = train.total_steps is not None
@@ -794,8 +814,9 @@ class Trainer:
                     self.samples_consumed += pending_samples
                     for seen in pending:
                         if seen.epoch != self.epoch:
-                            self.epoch, self.epoch_samples = seen.epoch, 0
+                            self.epoch, self.epoch_samples, self.epoch_index = seen.epoch, 0, -1
                         self.epoch_samples += seen.num_samples
+                        self.epoch_index = seen.samples[-1].index
                     if pending:
                         self.last_sequence = pending[-1].last_sequence
                     self._record_trained(pending)

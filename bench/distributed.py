@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bench.pipeline import TARGET  # the same tiny target as the pipeline suite
 from bench.report import BenchReport
 from specforge_common.bus import Bus, BusConfig
 from specforge_common.contracts import (
@@ -54,14 +55,6 @@ TIMEOUT_S = 120  # per training command
 # Interleaved repetitions (A, B, A, B) on the same two runs, retrained from scratch with
 # --no-resume; the best repetition of each counts (interference only slows a case down).
 REPS = 3
-TARGET = dict(
-    vocab_size=512,
-    hidden_size=128,
-    num_layers=8,
-    num_heads=4,
-    num_kv_heads=2,
-    intermediate_size=256,
-)
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -80,11 +80,6 @@ TARGET = dict(
     intermediate_size=256,
 )
 ROOT = Path(__file__).resolve().parent.parent
-CAPTURE_MAIN = (
-    "import argparse, sys; from specforge_capture import command; "
-    "p = argparse.ArgumentParser(); command.add_arguments(p); "
-    "sys.exit(command.main(p.parse_args()))"
-)
 
 
 def _spec(run_id: str, target_dir: Path, work: Path) -> RunSpec:
@@ -245,9 +240,8 @@ async def _coupled(bus: Bus, url: str, spec: RunSpec, work: Path) -> dict[str, f
     trainer = Trainer(bus, spec.run_id)
     await trainer.setup()
     log_path = work / f"capture-{spec.run_id}.log"
-    # `specforge capture ...` without the CLI's command table, so a sibling command that does not
-    # import cannot break this suite: the same add_arguments + main the CLI would call.
-    cmd = [sys.executable, "-c", CAPTURE_MAIN, "--run", spec.run_id, "--nats", url,
+    cmd = [sys.executable, "-m", "specforge_common.cli", "capture", "--run", spec.run_id,
+           "--nats", url,
            "--exit-when-done", "--threads", str(THREADS_COUPLED)]  # fmt: skip
     env = os.environ | {"SPECFORGE_LOG_LEVEL": "WARNING"}
     with open(log_path, "wb") as log_file:
@@ -400,10 +394,7 @@ def run() -> BenchReport:
         f"{c2['forward_s']:.2f}s of it in forwards, the last SampleRef at {c2['last']:.2f}s; "
         f"the tail after it is the empty fetch (1 s timeout) that detects the end of data, the "
         f"end-of-split markers and shutdown: per repetition {tails['capture 2t']}s "
-        f"({THREADS_ALONE}t), {tails['capture 1t']}s ({THREADS_COUPLED}t); a ~3 s tail is "
-        f"a 'fetch failed; retrying' warning + 1 s sleep + another empty fetch (nats-py's "
-        f"fetch raised a bare asyncio.TimeoutError, which WorkConsumer.fetch does not treat as "
-        f"an empty fetch). * = SampleRefs "
+        f"({THREADS_ALONE}t), {tails['capture 1t']}s ({THREADS_COUPLED}t). * = SampleRefs "
         f"over their created_at span (no start-up, no tail): {c2['span samples/s']:.1f} "
         f"samples/s for capture alone {THREADS_ALONE}t, {c1['span samples/s']:.1f} for "
         f"{THREADS_COUPLED}t"

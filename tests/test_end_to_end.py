@@ -43,17 +43,12 @@ def tiny_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_target(tmp_path_factory.mktemp("target") / "tiny", arch="llama", seed=0)
 
 
-async def test_specforge_run_end_to_end(
-    tmp_path: Path, tiny_target: Path, nats_server, bus: Bus, run_id: str
-) -> None:
-    data = tmp_path / "conversations.jsonl"
-    prompt_ids = write_dataset(data, 40)
-    config = tmp_path / "run.toml"
-    config.write_text(f"""
+def write_config(path: Path, target: Path) -> Path:
+    path.write_text(f"""
 max_length = 64
 eval_fraction = 0.25
 [target]
-path = "{tiny_target}"
+path = "{target}"
 [draft]
 draft_vocab_size = 128
 [train]
@@ -69,6 +64,15 @@ batch_size = 4
 [eval]
 max_samples = 10
 """)
+    return path
+
+
+async def test_specforge_run_end_to_end(
+    tmp_path: Path, tiny_target: Path, nats_server, bus: Bus, run_id: str
+) -> None:
+    data = tmp_path / "conversations.jsonl"
+    prompt_ids = write_dataset(data, 40)
+    config = write_config(tmp_path / "run.toml", tiny_target)
     command = [sys.executable, "-m", "specforge_common.cli", "run", "--config", str(config),
                "--run", run_id, "--source", str(data), "--limit", "100",
                "--workdir", str(tmp_path / "work"), "--captures", "2",
@@ -116,3 +120,30 @@ max_samples = 10
         losses.append(metrics.summary()["loss"])
     assert losses[1] < losses[0]
     assert "exported draft" in done.stdout
+
+
+def test_specforge_run_colocated(tmp_path: Path, tiny_target: Path, run_id: str) -> None:
+    """The same run in one process: in-process bus, mem:// store, no nats-server at all."""
+    data = tmp_path / "conversations.jsonl"
+    prompt_ids = write_dataset(data, 40)
+    config = write_config(tmp_path / "run.toml", tiny_target)
+    workdir = tmp_path / "work"
+    command = [sys.executable, "-m", "specforge_common.cli", "run", "--colocated",
+               "--config", str(config), "--run", run_id, "--source", str(data),
+               "--limit", "100", "--workdir", str(workdir)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    run_dir = workdir / run_id
+    assert not (run_dir / "jetstream").exists() and not (run_dir / "features").exists()
+    checkpoints = run_dir / "checkpoints"
+    final = checkpoints / (checkpoints / "latest").read_text().strip()
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["final"]
+    trained = [json.loads(line) for line in (run_dir / "trained_samples.jsonl").open()]
+    seen = {s for entry in trained for s in entry["samples"]}
+    # 4 epochs over the train split: every train prompt trained on, each 4 times
+    assert len(seen) == state["samples_consumed"] // 4
+    assert 0 < len(seen) < len(prompt_ids)
+    assert "is better than the untrained one" in done.stdout
+    assert f"exported draft (SGLang layout): {final}" in done.stdout

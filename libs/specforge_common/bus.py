@@ -93,10 +93,19 @@ class Published:
 
 
 @dataclass(frozen=True)
+class StreamState:
+    messages: int  # stored now (a work queue drops acked ones)
+    last_seq: int  # sequence of the newest message ever stored (0: none)
+
+
+@dataclass(frozen=True)
 class ConsumerLag:
     num_pending: int  # in the stream, not yet delivered to this consumer
     num_ack_pending: int  # delivered, not yet acked
     num_redelivered: int
+    ack_floor: int = 0  # stream sequence up to which everything is settled
+    ack_wait_s: float = 0.0  # the consumer's settings (it may predate the caller)
+    max_deliver: int = 0
 
     @property
     def outstanding(self) -> int:
@@ -320,8 +329,15 @@ class Bus:
                 pass
 
     async def stream_depth(self, run_id: str, kind: StreamKind) -> int:
+        return (await self.stream_state(run_id, kind)).messages
+
+    async def stream_state(self, run_id: str, kind: StreamKind) -> StreamState:
         info = await self.js.stream_info(RunSubjects(run_id).stream(kind))
-        return info.state.messages
+        return StreamState(int(info.state.messages), int(info.state.last_seq or 0))
+
+    async def flush(self) -> None:
+        """Wait until everything sent (acks are fire-and-forget) reached the server."""
+        await self.nc.flush()
 
     # --- publishing ------------------------------------------------------------------------
 
@@ -403,6 +419,9 @@ class Bus:
             num_pending=info.num_pending or 0,
             num_ack_pending=info.num_ack_pending or 0,
             num_redelivered=info.num_redelivered or 0,
+            ack_floor=(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
+            ack_wait_s=float(info.config.ack_wait or 0.0),
+            max_deliver=int(info.config.max_deliver or 0),
         )
 
     async def replay(
@@ -478,6 +497,13 @@ class Bus:
 
     async def last_record(self, run_id: str, kind: StreamKind, record_type: Any) -> Any | None:
         """The newest record of a run stream, or None (for status displays)."""
+        last = await self.last_entry(run_id, kind, record_type)
+        return None if last is None else last[1]
+
+    async def last_entry(
+        self, run_id: str, kind: StreamKind, record_type: Any
+    ) -> tuple[int, Any] | None:
+        """``(stream sequence, record)`` of the newest message of a run stream, or None."""
         subjects = RunSubjects(run_id)
         try:
             msg = await self.js.get_msg(
@@ -485,7 +511,7 @@ class Bus:
             )
         except nats.js.errors.NotFoundError:
             return None
-        return decode(msg.data, record_type, subject=msg.subject)
+        return int(msg.seq or 0), decode(msg.data, record_type, subject=msg.subject)
 
     # --- run specs -------------------------------------------------------------------------
 
@@ -525,6 +551,35 @@ class Bus:
         if entry.value is None:
             return None
         return decode(entry.value, record_type, subject=f"$KV.{RUNS_BUCKET}.{key}")
+
+    async def records_by_prefix(self, prefix: str, record_type: Any) -> dict[str, Any]:
+        """Every live record whose KV key starts with ``prefix`` (a dotted prefix such as
+        ``<run>.progress.``).
+
+        The keys come from the KV stream's per-subject state (a server-side subject filter, one
+        request), then each key is read. ``KeyValue.keys()`` is not used: it scans the whole
+        bucket through a watcher whose end-of-initial-values marker can arrive before the
+        values (a nats-py race seen in testing), which loses keys.
+        """
+        kv = await self._runs_kv()
+        kv_prefix = f"$KV.{RUNS_BUCKET}."
+        info = await self.js.stream_info(
+            f"KV_{RUNS_BUCKET}", subjects_filter=f"{kv_prefix}{prefix}>"
+        )
+        found: dict[str, Any] = {}
+        for subject in sorted(info.state.subjects or {}):
+            key = subject[len(kv_prefix) :]
+            try:
+                entry = await kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                continue
+            if not entry.value:
+                continue
+            try:
+                found[key] = decode(entry.value, record_type, subject=subject)
+            except ContractError as exc:
+                log.warning("unreadable KV record ignored", key=key, error=str(exc))
+        return found
 
     async def put_run_spec(self, spec: RunSpec, *, replace: bool = False) -> RunSpec:
         """Store the run's spec. An identical spec is fine; a different one needs ``replace``."""

@@ -18,6 +18,17 @@ Style = Literal["json", "console"]
 _configured: Style | None = None
 
 
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is when a line is written, not when logging was configured (a
+    test harness or a daemonizing wrapper may swap it; a stale handle would be closed)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(style: Style | None = None, level: str | None = None) -> None:
     """Configure structlog and stdlib logging. Later calls with a different style reconfigure.
 
@@ -46,7 +57,7 @@ def configure_logging(style: Style | None = None, level: str | None = None) -> N
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)

@@ -24,54 +24,27 @@ import nats.errors
 import nats.js.errors
 
 from specforge_common.bus import Bus
-from specforge_common.contracts import ContractError, TrainerProgress, decode
+from specforge_common.contracts import TrainerProgress
 from specforge_common.log import get_logger
-from specforge_common.subjects import RUNS_BUCKET, RunSubjects, progress_prefix
+from specforge_common.subjects import progress_prefix
 
 
 async def trainer_progress(bus: Bus, run_id: str) -> dict[int, TrainerProgress]:
-    """Every rank's latest ``TrainerProgress`` of ``run_id`` (empty when none reported yet).
-
-    The run's ``<run>.progress.*`` keys come from the KV stream's per-subject state (a
-    server-side subject filter, one request), then each key is read. ``KeyValue.keys()`` is not
-    used: it scans the whole bucket through a watcher whose end-of-initial-values marker can
-    arrive before the values (a nats-py race seen in testing), which loses keys.
-    """
-    kv = await bus.js.key_value(RUNS_BUCKET)
-    kv_prefix = f"$KV.{RUNS_BUCKET}."
-    info = await bus.js.stream_info(
-        f"KV_{RUNS_BUCKET}", subjects_filter=f"{kv_prefix}{progress_prefix(run_id)}>"
-    )
-    found: dict[int, TrainerProgress] = {}
-    for subject in sorted(info.state.subjects or {}):
-        key = subject[len(kv_prefix) :]
-        try:
-            entry = await kv.get(key)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            continue
-        if not entry.value:
-            continue
-        try:
-            record = decode(entry.value, TrainerProgress, subject=subject)
-        except ContractError as exc:
-            get_logger(service="capture", run=run_id).warning(
-                "unreadable trainer progress ignored", key=key, error=str(exc)
-            )
-            continue
-        found[record.rank] = record
-    return found
+    """Every rank's latest ``TrainerProgress`` of ``run_id`` (empty when none reported yet)."""
+    records = await bus.records_by_prefix(progress_prefix(run_id), TrainerProgress)
+    return {record.rank: record for record in records.values()}
 
 
 async def outstanding_samples(bus: Bus, run_id: str) -> int:
     """Samples published but not yet trained on by the slowest rank still training."""
-    info = await bus.js.stream_info(RunSubjects(run_id).stream("samples"))
+    state = await bus.stream_state(run_id, "samples")
     progress = await trainer_progress(bus, run_id)
     active = [p.last_sequence for p in progress.values() if not p.done]
     if not progress:
-        return int(info.state.messages)
+        return state.messages
     if not active:
         return 0
-    return max(0, int(info.state.last_seq or 0) - min(active))
+    return max(0, state.last_seq - min(active))
 
 
 class BackpressureGate:

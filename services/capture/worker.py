@@ -207,9 +207,9 @@ class CaptureWorker:
             ack_wait_s=self.ack_wait_s,
         )  # fmt: skip
         # The consumer may predate this worker (another worker made it): use its settings.
-        info = await self.bus.js.consumer_info(self.subjects.stream("prompts"), DURABLE)
-        self._ack_wait = float(info.config.ack_wait or self._ack_wait)
-        self._max_deliver = int(info.config.max_deliver or self._max_deliver)
+        settings = await self.bus.consumer_lag(self.run_id, "prompts", DURABLE)
+        self._ack_wait = settings.ack_wait_s or self._ack_wait
+        self._max_deliver = settings.max_deliver or self._max_deliver
         capture = self.spec.capture
         if capture.mode == "decode":
             _ = self.tokenizer  # a missing tokenizer is a setup error: fail now, not per prompt
@@ -251,7 +251,7 @@ class CaptureWorker:
                 await emitter
             heartbeat.cancel()
             try:
-                await self.bus.nc.flush()  # acks are fire-and-forget: get them out before exit
+                await self.bus.flush()  # acks are fire-and-forget: get them out before exit
             except Exception as exc:
                 self.log.warning("cannot flush the last acks", error=repr(exc))
             await consumer.close()

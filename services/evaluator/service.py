@@ -31,7 +31,6 @@ from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nats.js.errors
 import torch
 from torch import Tensor
 
@@ -44,7 +43,6 @@ from specforge_common.contracts import (
     EvalResult,
     RunSpec,
     SampleRef,
-    decode,
 )
 from specforge_common.eagle3 import CheckpointError, Eagle3Metrics, load_draft
 from specforge_common.eagle3.checkpoint import WEIGHTS_NAME, sha256_file
@@ -343,17 +341,15 @@ class Evaluator:
     async def _final_already_settled(self) -> bool:
         """Whether the stream's last CheckpointEvent is final and the consumer acked past it
         (a restarted ``exit_when_final`` evaluator has nothing left to wait for)."""
-        stream = self.subjects.stream("checkpoints")
         try:
-            last = await self.bus.js.get_msg(stream, subject=self.subjects.checkpoints)
-        except nats.js.errors.NotFoundError:
-            return False
-        try:
-            event = decode(last.data, CheckpointEvent, subject=self.subjects.checkpoints)
+            last = await self.bus.last_entry(self.run_id, "checkpoints", CheckpointEvent)
         except ContractError:
             return False
-        info = await self.bus.js.consumer_info(stream, DURABLE)
-        return event.final and (info.ack_floor.stream_seq or 0) >= (last.seq or 0)
+        if last is None:
+            return False
+        seq, event = last
+        lag = await self.bus.consumer_lag(self.run_id, "checkpoints", DURABLE)
+        return event.final and lag.ack_floor >= seq
 
     async def _evaluate(self, event: CheckpointEvent) -> EvalResult:
         assert self.eval_set is not None and self.target_head is not None

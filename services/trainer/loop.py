@@ -26,7 +26,9 @@ A fresh start seeds torch's global RNG with ``spec.seed + rank``.
 
 Every optimizer step appends ``{"step", "epoch", "rank", "seqs", "samples"}`` to
 ``<output_dir>/<run>/trained_samples.jsonl`` (rank > 0: ``trained_samples.rank<N>.jsonl``);
-a resume cuts it back to the checkpoint's step, so it lists exactly what the weights saw.
+a resume cuts it back to the checkpoint's step, so it lists exactly what the weights saw. Rank 0
+also appends every log line's metrics to ``<output_dir>/<run>/train_metrics.jsonl`` (cut back
+the same way; ``specforge report`` plots it).
 
 Multi-rank (``world_size > 1``, under torchrun; see ``distributed.py``): the process group is
 joined in ``setup`` (gloo on CPU, nccl on CUDA) and the draft is wrapped in DDP (only the
@@ -58,7 +60,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -96,12 +97,14 @@ from .distributed import (
     init_process_group,
 )
 from .schedule import LRSchedule, total_optimizer_steps
+from .step_log import StepLog, read_step_log
 
 __all__ = ["TrainResult", "Trainer", "TrainerError", "build_draft", "load_vocab_map"]
 
 SERVICE = "trainer"
 WAIT_LOG_EVERY_S = 30.0
 TRAINED_SAMPLES_NAME = "trained_samples.jsonl"
+TRAIN_METRICS_NAME = "train_metrics.jsonl"
 
 
 def trained_samples_path(output_dir: str | Path, run_id: str, rank: int = 0) -> Path:
@@ -112,19 +115,12 @@ def trained_samples_path(output_dir: str | Path, run_id: str, rank: int = 0) -> 
 
 def read_trained_samples(path: str | Path) -> list[dict[str, Any]]:
     """The entries of a trained-samples log; a torn last line (a crash mid-write) is dropped."""
-    entries = []
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
-            entries.append(entry)
-    return entries
+    return read_step_log(path)
+
+
+def train_metrics_path(output_dir: str | Path, run_id: str) -> Path:
+    """Where rank 0 logs the metrics of every log window (what ``specforge report`` plots)."""
+    return (Path(output_dir) / run_id / TRAIN_METRICS_NAME).absolute()
 
 
 class TrainerError(RuntimeError):
@@ -497,7 +493,7 @@ class Trainer:
             if self.spec.train.keep_unevaluated:  # the evaluator may lag behind the trainer
                 unevaluated = set(self.checkpoints.step_dirs()) - {r.step for r in evals}
             await asyncio.to_thread(self.checkpoints.update_best, evals)  # rotation spares it
-        self._flush_trained_samples(sync=True)  # on disk before the checkpoint that covers it
+        self._sync_step_logs()
         gathered: list[tuple[dict[str, Any], torch.Tensor]] = [(self._position(),
                                                                 torch.get_rng_state())]  # fmt: skip
         if self.world_size > 1:  # a collective: every rank comes here at the same step
@@ -634,33 +630,31 @@ class Trainer:
 
     # --- trained-samples log ---------------------------------------------------------------
 
-    def _open_trained_samples(self, keep_through: int | None) -> None:
-        """Start the log afresh, or (resume) keep only the entries of steps <= keep_through."""
-        path = trained_samples_path(self.spec.output_dir, self.run_id, self.rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if keep_through is not None:
-            kept = [e for e in read_trained_samples(path) if e["step"] <= keep_through]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
-        tmp.replace(path)
-        self._trained_file = open(path, "a")
+    def _open_step_logs(self, keep_through: int | None) -> None:
+        """Start the logs afresh, or (resume) keep only the entries of steps <= keep_through."""
+        output_dir = self.spec.output_dir
+        self._trained = StepLog(trained_samples_path(output_dir, self.run_id, self.rank),
+                                keep_through)  # fmt: skip
+        self._metrics_log = None
+        if self.rank == 0:
+            self._metrics_log = StepLog(train_metrics_path(output_dir, self.run_id), keep_through)
+
+    def _close_step_logs(self) -> None:
+        self._trained.close()
+        if self._metrics_log is not None:
+            self._metrics_log.close()
 
     def _record_trained(self, batches: list[StreamBatch]) -> None:
         samples = [s for b in batches for s in b.samples]
-        entry = {"step": self.global_step, "epoch": self.epoch, "rank": self.rank,
-                 "seqs": [s.seq for s in samples],
-                 "samples": [s.ref.sample_id for s in samples]}  # fmt: skip
-        self._trained_file.write(json.dumps(entry) + "\n")
-        self._trained_file.flush()  # a kill -9 keeps it; fsync happens at checkpoints
+        self._trained.append({"step": self.global_step, "epoch": self.epoch, "rank": self.rank,
+                              "seqs": [s.seq for s in samples],
+                              "samples": [s.ref.sample_id for s in samples]})  # fmt: skip
 
-    def _flush_trained_samples(self, *, sync: bool = False) -> None:
-        file = getattr(self, "_trained_file", None)
-        if file is None or file.closed:
-            return
-        file.flush()
-        if sync:
-            os.fsync(file.fileno())
+    def _sync_step_logs(self) -> None:
+        """On disk before the checkpoint that covers them."""
+        for log in (getattr(self, "_trained", None), getattr(self, "_metrics_log", None)):
+            if log is not None:
+                log.sync()
 
     async def _progress(self, *, done: bool) -> None:
         record = TrainerProgress(run_id=self.run_id, rank=self.rank, step=self.global_step,
@@ -694,6 +688,10 @@ class Trainer:
         }
         self.log.info("train", **{k: (int(v) if k in ("step", "epoch") else round(v, 6))
                                   for k, v in entry.items()})  # fmt: skip
+        if self._metrics_log is not None:
+            self._metrics_log.append({"step": self.global_step, "epoch": self.epoch,
+                                      **{k: v for k, v in entry.items()
+                                         if k not in ("step", "epoch")}})  # fmt: skip
         self.history.append(entry)
         self.latest_metrics = entry
         return entry
@@ -737,11 +735,11 @@ class Trainer:
                           start_seq=self.last_sequence + 1)  # fmt: skip
         else:
             torch.manual_seed(self.spec.seed + self.rank)  # training randomness is the spec's
-        self._open_trained_samples(resumed_from)
+        self._open_step_logs(resumed_from)
         try:
             return await self._train(resumed_from)
         finally:
-            self._trained_file.close()
+            self._close_step_logs()
 
     async def _progress_from(self, result: TrainResult, *, done: bool) -> None:
         record = TrainerProgress(run_id=self.run_id, rank=self.rank, step=result.step,

@@ -1,8 +1,12 @@
-"""The bus against a real nats-server: dedup, redelivery, work sharing, replay, KV, DLQ."""
+"""The bus contract — dedup, redelivery, work sharing, replay, KV, DLQ — checked against a real
+nats-server (``Bus``) and against the in-process ``LocalBus`` with the same tests: the colocated
+path is only as good as its equivalence to JetStream. Tests that look at NATS itself take
+``nats_bus``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -16,9 +20,34 @@ from specforge_common.contracts import (
     SampleRef,
     TargetSpec,
     TensorSpec,
-    decode,
 )
+from specforge_common.local_bus import LocalBus
 from specforge_common.subjects import STREAM_KINDS, RunSubjects
+
+
+@pytest.fixture(params=["nats", "local"])
+async def bus(request: pytest.FixtureRequest, bus_config: BusConfig):
+    """Each contract test runs on both implementations."""
+    if request.param == "local":
+        yield LocalBus(bus_config)
+        return
+    connection = await Bus.connect(bus_config)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def nats_bus(bus_config: BusConfig):
+    async with await Bus.connect(bus_config) as connection:
+        yield connection
+
+
+async def publish_raw(bus: Bus | LocalBus, subject: str, data: bytes) -> None:
+    """Bytes that bypass the contracts (a foreign or broken producer)."""
+    if isinstance(bus, LocalBus):
+        bus._append(subject, data, None)
+    else:
+        await bus.js.publish(subject, data)
 
 
 def prompt(run_id: str, i: int) -> PromptTask:
@@ -43,7 +72,8 @@ def sample(run_id: str, i: int, split: str = "train") -> SampleRef:
     )
 
 
-async def test_ensure_streams_is_idempotent_and_sets_retention(bus: Bus, run_id: str) -> None:
+async def test_ensure_streams_is_idempotent_and_sets_retention(nats_bus: Bus, run_id: str) -> None:
+    bus = nats_bus
     subjects = await bus.ensure_streams(run_id)
     await bus.ensure_streams(run_id)
     for kind in STREAM_KINDS:
@@ -138,17 +168,22 @@ async def test_in_progress_postpones_redelivery_and_term_stops_it(bus: Bus, run_
 
 
 async def test_work_queue_shared_by_two_workers_delivers_each_once(
-    bus_config: BusConfig, run_id: str
+    bus: Bus, bus_config: BusConfig, run_id: str
 ) -> None:
     n = 300
-    producer = await Bus.connect(bus_config)
+    local = isinstance(bus, LocalBus)
+
+    def connect():  # a connection per worker on NATS; the one in-process bus otherwise
+        return contextlib.nullcontext(bus) if local else _connect(bus_config)
+
+    producer = bus
     subjects = await producer.ensure_streams(run_id)
     ready = [asyncio.Event(), asyncio.Event()]
     all_published = asyncio.Event()
 
     async def worker(index: int) -> list[str]:
-        async with await Bus.connect(bus_config) as bus:
-            consumer = await bus.work_consumer(
+        async with connect() as worker_bus:
+            consumer = await worker_bus.work_consumer(
                 run_id, "prompts", "capture", PromptTask, service=f"w{index}"
             )
             ready[index].set()
@@ -175,7 +210,12 @@ async def test_work_queue_shared_by_two_workers_delivers_each_once(
     assert set(a) | set(b) == {f"p{i}" for i in range(n)}
     assert a and b, "both workers should have received work"
     assert await producer.stream_depth(run_id, "prompts") == 0  # work queue: acked = removed
-    await producer.close()
+
+
+@contextlib.asynccontextmanager
+async def _connect(config: BusConfig):
+    async with await Bus.connect(config) as connection:
+        yield connection
 
 
 async def _settled(deliveries):
@@ -252,23 +292,22 @@ async def test_undecodable_message_goes_to_the_dlq_and_the_rest_flows(
     bus: Bus, run_id: str
 ) -> None:
     subjects = await bus.ensure_streams(run_id)
-    await bus.js.publish(subjects.prompts, b"\xc1 definitely not msgpack")
+    await publish_raw(bus, subjects.prompts, b"\xc1 definitely not msgpack")
     await bus.publish(subjects.prompts, prompt(run_id, 1), "p1")
     consumer = await bus.work_consumer(run_id, "prompts", "capture", PromptTask, service="cap")
     good = await consumer.fetch(batch=10, timeout=2)
     assert [d.record.prompt_id for d in good] == ["p1"]
 
-    dlq = await bus.js.pull_subscribe(subjects.dlq, stream=subjects.stream("dlq"))
-    (msg,) = await dlq.fetch(batch=1, timeout=5)
-    letter = decode(msg.data, DeadLetter)
+    (letter,) = [r async for _, r in bus.records(run_id, "dlq", DeadLetter)]
     assert letter.payload == b"\xc1 definitely not msgpack"
     assert letter.subject == subjects.prompts and letter.service == "cap"
     assert "malformed" in letter.reason and letter.stream_sequence == 1
 
     await good[0].dead_letter("target refused the prompt", service="cap")
-    (msg,) = await dlq.fetch(batch=1, timeout=5)
-    assert decode(msg.data, DeadLetter).reason == "target refused the prompt"
-    await dlq.unsubscribe()
+    letters = [r async for _, r in bus.records(run_id, "dlq", DeadLetter)]
+    assert [x.reason for x in letters][1:] == ["target refused the prompt"]
+    assert letters[1].stream_sequence == good[0].stream_seq
+    assert await consumer.fetch(batch=10, timeout=0.3) == []  # dead-lettered = terminated
     await consumer.close()
 
 
@@ -317,3 +356,90 @@ async def test_records_and_last_record_of_a_run_stream(bus: Bus, run_id: str) ->
         await bus.publish(subjects.evals, r, f"eval:{r.step}")
     assert [r async for _, r in bus.records(run_id, "evals", EvalResult)] == results
     assert await bus.last_record(run_id, "evals", EvalResult) == results[-1]
+
+
+async def test_max_deliver_gives_up_on_a_message(bus: Bus, run_id: str) -> None:
+    subjects = await bus.ensure_streams(run_id)
+    await bus.publish_many([(subjects.prompts, prompt(run_id, i), f"p{i}") for i in range(2)])
+    consumer = await bus.work_consumer(
+        run_id, "prompts", "capture", PromptTask, service="t", max_deliver=2
+    )
+    deliveries = []
+    for _ in range(2):
+        got = await consumer.fetch(batch=2, timeout=5)
+        bad = next(d for d in got if d.record.prompt_id == "p0")
+        deliveries.append(bad.deliveries)
+        for d in got:
+            if d.record.prompt_id == "p1":
+                await d.ack_sync()
+        await bad.nak()
+    assert deliveries == [1, 2]
+    assert await consumer.fetch(batch=2, timeout=0.5) == []  # p0 is never delivered again
+    await consumer.close()
+
+
+async def test_stream_state_last_entry_and_ack_floor(bus: Bus, run_id: str) -> None:
+    from specforge_common.contracts import CheckpointEvent
+
+    subjects = await bus.ensure_streams(run_id)
+    assert await bus.last_entry(run_id, "checkpoints", CheckpointEvent) is None
+    events = [
+        CheckpointEvent(
+            run_id=run_id,
+            step=s,
+            final=s == 20,
+            samples_consumed=s,
+            last_sequence={0: s},
+            checkpoint_uri=f"/c/{s}",
+            checkpoint_sha256="x",
+            run_spec_hash="h",
+        )  # fmt: skip
+        for s in (0, 10, 20)
+    ]
+    for e in events:
+        await bus.publish(subjects.checkpoints, e, f"ckpt:{e.step}")
+    state = await bus.stream_state(run_id, "checkpoints")
+    assert (state.messages, state.last_seq) == (3, 3)
+    assert await bus.last_entry(run_id, "checkpoints", CheckpointEvent) == (3, events[-1])
+
+    consumer = await bus.work_consumer(run_id, "checkpoints", "ev", CheckpointEvent, service="t")
+    first, second, third = await consumer.fetch(batch=3, timeout=5)
+    await second.ack_sync()
+    lag = await bus.consumer_lag(run_id, "checkpoints", "ev")
+    assert lag.ack_floor == 0 and lag.num_ack_pending == 2  # seq 1 is still open
+    await first.ack_sync()
+    await third.ack_sync()
+    await bus.flush()
+    lag = await bus.consumer_lag(run_id, "checkpoints", "ev")
+    assert lag.ack_floor == 3 and lag.outstanding == 0
+    assert lag.max_deliver == bus.config.max_deliver
+    assert lag.ack_wait_s == pytest.approx(bus.config.ack_wait_s)
+    # a limits stream keeps acked messages; a work queue drops them
+    assert (await bus.stream_state(run_id, "checkpoints")).messages == 3
+    await consumer.close()
+
+
+async def test_records_by_prefix_reads_only_that_prefix(bus: Bus, run_id: str) -> None:
+    from specforge_common.contracts import TrainerProgress
+    from specforge_common.subjects import progress_key, progress_prefix
+
+    await bus.ensure_streams(run_id)
+    assert await bus.records_by_prefix(progress_prefix(run_id), TrainerProgress) == {}
+    records = {
+        rank: TrainerProgress(
+            run_id=run_id,
+            rank=rank,
+            step=rank,
+            samples_consumed=0,
+            last_sequence=0,
+            run_spec_hash="h",
+        )  # fmt: skip
+        for rank in (0, 1)
+    }
+    for rank, record in records.items():
+        await bus.put_record(progress_key(run_id, rank), record)
+    await bus.put_record(f"{run_id}x.progress.0", records[0])  # another run, same start
+    found = await bus.records_by_prefix(progress_prefix(run_id), TrainerProgress)
+    assert found == {progress_key(run_id, r): rec for r, rec in records.items()}
+    assert await bus.put_record(progress_key(run_id, 0), records[1], create_only=True) is False
+    assert await bus.get_record(progress_key(run_id, 0), TrainerProgress) == records[0]

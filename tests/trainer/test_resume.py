@@ -20,7 +20,8 @@ from specforge_common.contracts import CheckpointEvent, TrainerProgress
 from specforge_common.subjects import progress_key
 from specforge_common.targets import make_tiny_target
 from specforge_trainer.checkpoints import CheckpointManager
-from specforge_trainer.loop import Trainer, TrainerError, read_trained_samples
+from specforge_trainer.loop import Trainer, TrainerError, read_trained_samples, train_metrics_path
+from specforge_trainer.step_log import read_step_log
 from tests.support import seed_captured_run, tiny_run_spec
 from tests.trainer import stream_records, train_spec
 from tests.trainer.test_command import train_command
@@ -188,5 +189,11 @@ async def test_in_process_resume_matches_the_uninterrupted_weights(
     assert_same_tensors(expected, load_file(result.final.path / "model.safetensors"))
     log = read_trained_samples(tmp_path / "runs" / run_id / "trained_samples.jsonl")
     assert [e["step"] for e in log] == [1, 2, 3, 4]
+    # the metrics log was cut back to step 2 too, then went on: each step once, the first run's
+    # losses for steps 1-2 and the resumed run's for 3-4 (both equal the uninterrupted ones)
+    metrics = read_step_log(train_metrics_path(tmp_path / "runs", run_id))
+    assert [e["step"] for e in metrics] == [1, 2, 3, 4]
+    assert [e["loss"] for e in metrics] == [h["loss"] for h in first.history]
+    assert [e["loss"] for e in metrics[2:]] == [h["loss"] for h in result.history]
     again = await Trainer(bus, run_id, resume=True).run()
     assert again.already_finished and again.step == 4 and again.final.path == result.final.path

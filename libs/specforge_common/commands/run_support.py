@@ -23,7 +23,9 @@ from ..subjects import progress_key
 log = get_logger(command="run")
 
 
-def build_spec(args: argparse.Namespace, run_id: str, workdir: Path) -> RunSpec:
+def build_spec(
+    args: argparse.Namespace, run_id: str, workdir: Path, *, store_uri: str | None = None
+) -> RunSpec:
     """The config file (default: the packaged demo), then ``--set``; paths go under ``workdir``."""
     if args.config:
         try:
@@ -34,7 +36,7 @@ def build_spec(args: argparse.Namespace, run_id: str, workdir: Path) -> RunSpec:
         text = resources.files("specforge_common.configs").joinpath("demo.toml").read_text()
         data = tomllib.loads(text)
     data["run_id"] = run_id
-    data.setdefault("store_uri", f"file://{workdir / 'features'}")
+    data.setdefault("store_uri", store_uri or f"file://{workdir / 'features'}")
     data.setdefault("output_dir", str(workdir.parent))
     overrides = list(args.overrides)
     target_given = "path" in data.get("target", {}) or any(
@@ -99,7 +101,6 @@ class RunWatcher:
 
     async def watch(self) -> bool:
         """Print progress until every service exited; False (and stop the rest) on a failure."""
-        run = self.spec.run_id
         while True:
             failed = [s for s in self.services if s.process.poll() not in (None, 0)]
             if failed:
@@ -108,26 +109,36 @@ class RunWatcher:
                               log=str(s.log_path), tail=_tail(s.log_path))  # fmt: skip
                 self.stop()
                 return False
-            prompts = await self.bus.stream_depth(run, "prompts")
-            samples = await self.bus.stream_depth(run, "samples")
-            self.progress = await self.bus.get_record(progress_key(run, 0), TrainerProgress)
-            latest = await self.bus.last_record(run, "evals", EvalResult)
-            parts = [f"prompts left {prompts}", f"samples {samples}"]
-            if self.progress is not None:
-                p = self.progress
-                parts.append(f"step {p.step} ({p.samples_consumed} samples)")
-            if latest is not None:
-                sim = latest.simulated_acceptance_length
-                parts.append(f"eval@{latest.step} sim-accept-len {sim:.3f}" if sim is not None
-                             else f"eval@{latest.step}")  # fmt: skip
-            line = " | ".join(parts)
+            line = await self.status_line()
             if line != self._last_line:
                 log.info(line)
                 self._last_line = line
             if all(s.process.poll() == 0 for s in self.services):
-                self.evals = [r async for _, r in self.bus.records(run, "evals", EvalResult)]
+                await self.read_evals()
                 return True
             await asyncio.sleep(self.poll_s)
+
+    async def status_line(self) -> str:
+        """One line of where the run stands, read from the bus (also keeps ``progress``)."""
+        run = self.spec.run_id
+        prompts = await self.bus.stream_depth(run, "prompts")
+        samples = await self.bus.stream_depth(run, "samples")
+        self.progress = await self.bus.get_record(progress_key(run, 0), TrainerProgress)
+        latest = await self.bus.last_record(run, "evals", EvalResult)
+        parts = [f"prompts left {prompts}", f"samples {samples}"]
+        if self.progress is not None:
+            p = self.progress
+            parts.append(f"step {p.step} ({p.samples_consumed} samples)")
+        if latest is not None:
+            sim = latest.simulated_acceptance_length
+            parts.append(f"eval@{latest.step} sim-accept-len {sim:.3f}" if sim is not None
+                         else f"eval@{latest.step}")  # fmt: skip
+        return " | ".join(parts)
+
+    async def read_evals(self) -> None:
+        run = self.spec.run_id
+        self.evals = [r async for _, r in self.bus.records(run, "evals", EvalResult)]
+        self.progress = await self.bus.get_record(progress_key(run, 0), TrainerProgress)
 
     def stop(self) -> None:
         for s in self.services:

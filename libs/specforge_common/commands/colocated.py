@@ -1,0 +1,87 @@
+"""``specforge run --colocated``: the whole run in this one process, no broker, no shared disk.
+
+Enqueue, capture, trainer and evaluator are the same classes the services run, handed one
+in-process ``LocalBus`` and (by default) one ``mem://<run>`` feature store; their compute runs in
+worker threads of this process. Nothing else changes: the records, sequences, checkpoints and
+events are those of a disaggregated run, so a colocated run is a faithful small copy of one (the
+trainer's equivalence test checks that bit for bit). Features and bus contents live only as long
+as the process; checkpoints, logs and the report are written under the work directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from ..contracts import RunSpec
+from ..log import get_logger
+
+log = get_logger(command="run", mode="colocated")
+
+
+async def run_colocated(args: argparse.Namespace, spec: RunSpec, workdir: Path) -> int:
+    import torch
+
+    from specforge_capture.worker import CaptureWorker
+    from specforge_evaluator.service import Evaluator
+    from specforge_trainer.loop import Trainer
+
+    from ..data.enqueue import enqueue
+    from ..featurestore import open_store
+    from ..local_bus import LocalBus
+    from ..targets import HFTargetEngine
+    from .run_support import RunWatcher
+
+    device = args.device
+    async with LocalBus() as bus:
+        await bus.ensure_streams(spec.run_id)
+        await bus.put_run_spec(spec)
+        report = await enqueue(bus, spec, args.source, limit=args.limit)
+        log.info("prompts enqueued", train=report.train, eval=report.eval,
+                 skipped=len(report.skipped), duplicates=report.duplicates)  # fmt: skip
+        store = open_store(spec.store_uri)
+        engine = await asyncio.to_thread(
+            HFTargetEngine.from_pretrained, spec.target.path, device=device,
+            dtype=torch.float32 if device == "cpu" else getattr(torch, spec.target.dtype),
+            aux_layer_ids=spec.draft.aux_layer_ids,
+        )  # fmt: skip
+        services = {
+            "capture": CaptureWorker(
+                bus, spec, engine, store, producer_id="capture-0", exit_when_done=True
+            ).run(),  # fmt: skip
+            "trainer": Trainer(bus, spec.run_id, device=device).run(),
+            "evaluator": Evaluator(
+                bus, spec, store, target_dir=spec.target.path, device=device, exit_when_final=True
+            ).run(),  # fmt: skip
+        }
+        tasks = {asyncio.create_task(c, name=name): name for name, c in services.items()}
+        watcher = RunWatcher(bus, spec, [])
+        ok = await _watch(tasks, watcher)
+        await watcher.read_evals()
+        watcher.print_summary(workdir)
+        store.close()
+        return 0 if ok else 1
+
+
+async def _watch(tasks: dict[asyncio.Task, str], watcher: Any) -> bool:
+    """Progress lines until every service returned; on the first failure cancel the rest."""
+    pending = set(tasks)
+    last_line = ""
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=watcher.poll_s,
+                                           return_when=asyncio.FIRST_EXCEPTION)  # fmt: skip
+        failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+        if failed:
+            for task in failed:
+                log.error("service failed", service=tasks[task], error=repr(task.exception()))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            return False
+        line = await watcher.status_line()
+        if line != last_line:
+            log.info(line)
+            last_line = line
+    return True

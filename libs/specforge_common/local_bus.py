@@ -1,0 +1,537 @@
+"""An in-process bus: the ``Bus`` API over memory, for single-process (colocated) runs and tests.
+
+The services take a bus object and call its methods; they never see NATS itself. ``LocalBus``
+implements the same methods with the same semantics on plain Python data, so one process can
+run enqueue, capture, trainer and evaluator together with no broker, sharing every line of
+service code with a disaggregated deployment:
+
+- streams per run with stream-wide sequences from 1, subjects routed exactly as in JetStream
+  (``sf.<run>.samples.>`` and so on), ``Nats-Msg-Id`` deduplication within the duplicate window;
+- records are stored encoded (``contracts.encode``) and decoded on every read, so the wire
+  contract is checked as it is on NATS;
+- the PROMPTS stream is a work queue (an acked message is gone); durable work consumers hand
+  each message to one fetcher, redeliver after ``nak`` (with its delay) or after ``ack_wait``
+  without an ack, stop after ``max_deliver`` deliveries, and dead-letter undecodable messages;
+- ordered replay from any sequence, following new messages when asked;
+- a key-value map for run specs, enqueue summaries and trainer progress.
+
+What it does not do: persistence (a LocalBus dies with its process) and several processes.
+One event loop owns a LocalBus; services share it by holding the same object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic
+
+from .bus import (
+    BusConfig,
+    BusError,
+    ConsumerLag,
+    Published,
+    R,
+    RunSpecConflict,
+    StreamState,
+)
+from .contracts import (
+    ContractError,
+    DeadLetter,
+    EndOfSplit,
+    Record,
+    RunSpec,
+    SampleRef,
+    Split,
+    decode,
+    encode,
+)
+from .log import get_logger
+from .subjects import STREAM_KINDS, RunSubjects, StreamKind
+
+log = get_logger(component="local-bus")
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a trailing ``>`` one or more."""
+    want, have = pattern.split("."), subject.split(".")
+    if want[-1] == ">":
+        return len(have) >= len(want) and all(
+            w in ("*", h) for w, h in zip(want[:-1], have, strict=False)
+        )
+    return len(want) == len(have) and all(w in ("*", h) for w, h in zip(want, have, strict=True))
+
+
+@dataclass
+class _Message:
+    seq: int
+    subject: str
+    data: bytes
+
+
+@dataclass
+class _Stream:
+    name: str
+    subjects: list[str]
+    work_queue: bool
+    messages: dict[int, _Message] = field(default_factory=dict)  # insertion = sequence order
+    last_seq: int = 0
+    msg_ids: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (seq, when)
+
+
+@dataclass
+class _Pending:
+    deliveries: int = 0
+    ready_at: float = 0.0  # monotonic time it may be (re)delivered
+    in_flight: bool = False
+
+
+@dataclass
+class _Consumer:
+    stream: _Stream
+    durable: str
+    filter_subject: str
+    ack_wait_s: float
+    max_deliver: int
+    state: dict[int, _Pending] = field(default_factory=dict)  # seq -> delivery state
+    settled: set[int] = field(default_factory=set)  # acked or terminated (limits streams)
+    redelivered: int = 0
+
+    def wanted(self, message: _Message) -> bool:
+        return _matches(self.filter_subject, message.subject) and message.seq not in self.settled
+
+    def settle(self, seq: int) -> None:
+        self.state.pop(seq, None)
+        self.settled.add(seq)
+        if self.stream.work_queue:  # a work queue forgets what its consumer acknowledged
+            self.stream.messages.pop(seq, None)
+
+    @property
+    def ack_floor(self) -> int:
+        """Highest sequence with everything at or below it settled (or filtered out)."""
+        for seq, message in self.stream.messages.items():
+            if self.wanted(message):
+                return seq - 1
+        return self.stream.last_seq
+
+
+class LocalDelivery(Generic[R]):
+    """One delivered record and the ways to settle it (``bus.Delivery``'s API)."""
+
+    __slots__ = ("record", "subject", "stream_seq", "deliveries", "_consumer", "_bus", "_data")
+
+    def __init__(
+        self, record: R, message: _Message, deliveries: int, consumer: LocalWorkConsumer[R]
+    ) -> None:
+        self.record = record
+        self.subject = message.subject
+        self.stream_seq = message.seq
+        self.deliveries = deliveries
+        self._data = message.data
+        self._consumer = consumer
+        self._bus = consumer.bus
+
+    def _pending(self) -> _Pending | None:
+        return self._consumer.state.state.get(self.stream_seq)
+
+    async def ack(self) -> None:
+        self._consumer.state.settle(self.stream_seq)
+        self._bus._notify()
+
+    async def ack_sync(self) -> None:
+        await self.ack()
+
+    async def nak(self, delay: float | None = None) -> None:
+        pending = self._pending()
+        if pending is not None:
+            pending.in_flight = False
+            pending.ready_at = time.monotonic() + (delay or 0.0)
+            self._bus._notify()
+
+    async def in_progress(self) -> None:
+        pending = self._pending()
+        if pending is not None and pending.in_flight:
+            pending.ready_at = time.monotonic() + self._consumer.state.ack_wait_s
+
+    async def term(self) -> None:
+        self._consumer.state.settle(self.stream_seq)
+        self._bus._notify()
+
+    async def dead_letter(self, reason: str, service: str) -> None:
+        await self._bus._dead_letter(
+            self._consumer.subjects, self.subject, self._data, reason, service=service,
+            deliveries=self.deliveries, seq=self.stream_seq,
+        )  # fmt: skip
+        await self.term()
+
+
+class LocalWorkConsumer(Generic[R]):
+    """A durable work consumer (``bus.WorkConsumer``'s API); every binding shares its state."""
+
+    def __init__(
+        self,
+        bus: LocalBus,
+        subjects: RunSubjects,
+        kind: StreamKind,
+        state: _Consumer,
+        record_type: Any,
+        service: str,
+    ) -> None:
+        self.bus, self.subjects, self.kind, self.state = bus, subjects, kind, state
+        self.durable = state.durable
+        self.record_type, self.service = record_type, service
+
+    def _take(self, batch: int) -> tuple[list[tuple[_Message, int]], float | None]:
+        """Up to ``batch`` deliverable messages (marked in flight), and when the next one that
+        is waiting (nak delay, ack timeout) becomes deliverable."""
+        now = time.monotonic()
+        taken: list[tuple[_Message, int]] = []
+        soonest: float | None = None
+        state = self.state
+        for message in list(state.stream.messages.values()):
+            if len(taken) == batch:
+                break
+            if not state.wanted(message):
+                continue
+            pending = state.state.setdefault(message.seq, _Pending())
+            if pending.deliveries >= state.max_deliver and not pending.in_flight:
+                continue  # given up on, like JetStream: stays in the stream, never redelivered
+            if pending.in_flight or pending.ready_at > now:
+                if pending.in_flight and pending.ready_at <= now:  # ack wait expired
+                    pending.in_flight = False
+                    if pending.deliveries >= state.max_deliver:
+                        continue
+                else:
+                    at = pending.ready_at
+                    soonest = at if soonest is None else min(soonest, at)
+                    continue
+            if pending.deliveries:
+                state.redelivered += 1
+            pending.deliveries += 1
+            pending.in_flight = True
+            pending.ready_at = now + state.ack_wait_s
+            taken.append((message, pending.deliveries))
+        return taken, soonest
+
+    async def fetch(self, batch: int = 100, timeout: float = 1.0) -> list[LocalDelivery[R]]:
+        """Up to ``batch`` deliveries; an empty list when nothing arrived within ``timeout``."""
+        await asyncio.sleep(0)  # a scheduling point, like the round trip of a NATS fetch
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            taken, soonest = self._take(batch)
+            if taken:
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            if soonest is not None:
+                remaining = min(remaining, max(soonest - time.monotonic(), 0.001))
+            await self.bus._wait_for_change(remaining)
+        out: list[LocalDelivery[R]] = []
+        for message, deliveries in taken:
+            try:
+                record = decode(message.data, self.record_type, subject=message.subject)
+            except ContractError as exc:
+                log.warning("undecodable message dead-lettered", subject=message.subject,
+                            error=str(exc))  # fmt: skip
+                await self.bus._dead_letter(
+                    self.subjects, message.subject, message.data, str(exc), service=self.service,
+                    deliveries=deliveries, seq=message.seq,
+                )  # fmt: skip
+                self.state.settle(message.seq)
+                continue
+            out.append(LocalDelivery(record, message, deliveries, self))
+        return out
+
+    async def messages(
+        self, batch: int = 100, timeout: float = 1.0, *, stop_when_idle: bool = False
+    ) -> AsyncIterator[LocalDelivery[R]]:
+        while True:
+            deliveries = await self.fetch(batch, timeout)
+            if not deliveries and stop_when_idle:
+                return
+            for delivery in deliveries:
+                yield delivery
+
+    async def lag(self) -> ConsumerLag:
+        return await self.bus.consumer_lag(self.subjects.run_id, self.kind, self.durable)
+
+    async def close(self) -> None:
+        pass
+
+
+class LocalBus:
+    """``Bus`` without a broker: one process, memory only; see the module doc."""
+
+    def __init__(self, config: BusConfig | None = None) -> None:
+        self.config = config or BusConfig(name="local")
+        self._streams: dict[str, _Stream] = {}
+        self._consumers: dict[tuple[str, str], _Consumer] = {}
+        self._kv: dict[str, bytes] = {}
+        self._waiters: set[asyncio.Future[None]] = set()
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, config: BusConfig | None = None) -> LocalBus:
+        return cls(config)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def __aenter__(self) -> LocalBus:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def flush(self) -> None:
+        pass
+
+    # --- change notification ---------------------------------------------------------------
+
+    def _notify(self) -> None:
+        """Wake every waiter (publish, nak, ack); each re-checks what it waits for."""
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait_for_change(self, timeout: float) -> None:
+        """Until the next ``_notify`` or ``timeout``. Callers check their condition first, with
+        no await in between, so a change can never slip past unnoticed (one event loop)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(waiter)
+
+    # --- streams ---------------------------------------------------------------------------
+
+    async def ensure_streams(self, run_id: str) -> RunSubjects:
+        subjects = RunSubjects(run_id)
+        for kind in STREAM_KINDS:
+            name = subjects.stream(kind)
+            if name not in self._streams:
+                self._streams[name] = _Stream(name, subjects.stream_subjects(kind),
+                                              work_queue=kind == "prompts")  # fmt: skip
+        return subjects
+
+    async def delete_run_streams(self, run_id: str) -> None:
+        subjects = RunSubjects(run_id)
+        for kind in STREAM_KINDS:
+            name = subjects.stream(kind)
+            self._streams.pop(name, None)
+            for key in [k for k in self._consumers if k[0] == name]:
+                del self._consumers[key]
+
+    def _stream(self, run_id: str, kind: StreamKind) -> _Stream:
+        name = RunSubjects(run_id).stream(kind)
+        try:
+            return self._streams[name]
+        except KeyError:
+            raise BusError(f"stream {name} not found (call ensure_streams first)") from None
+
+    async def stream_depth(self, run_id: str, kind: StreamKind) -> int:
+        return (await self.stream_state(run_id, kind)).messages
+
+    async def stream_state(self, run_id: str, kind: StreamKind) -> StreamState:
+        stream = self._stream(run_id, kind)
+        return StreamState(len(stream.messages), stream.last_seq)
+
+    # --- publishing ------------------------------------------------------------------------
+
+    def _append(self, subject: str, data: bytes, msg_id: str | None) -> Published:
+        for stream in self._streams.values():
+            if any(_matches(p, subject) for p in stream.subjects):
+                break
+        else:
+            raise BusError(f"no stream takes subject {subject!r} (call ensure_streams first)")
+        now = time.monotonic()
+        if msg_id:
+            seen = stream.msg_ids.get(msg_id)
+            if seen is not None and now - seen[1] < self.config.duplicate_window_s:
+                return Published(stream.name, seen[0], True)
+        stream.last_seq += 1
+        stream.messages[stream.last_seq] = _Message(stream.last_seq, subject, data)
+        if msg_id:
+            stream.msg_ids[msg_id] = (stream.last_seq, now)
+        return Published(stream.name, stream.last_seq, False)
+
+    async def publish(self, subject: str, record: Record, msg_id: str | None = None) -> Published:
+        published = self._append(subject, encode(record), msg_id)
+        self._notify()
+        return published
+
+    async def publish_many(
+        self, items: Iterable[tuple[str, Record, str | None]]
+    ) -> list[Published]:
+        encoded = [(subject, encode(record), msg_id) for subject, record, msg_id in items]
+        published = [self._append(*item) for item in encoded]
+        self._notify()
+        return published
+
+    async def _dead_letter(
+        self, subjects: RunSubjects, subject: str, data: bytes, reason: str, *, service: str,
+        deliveries: int, seq: int | None,
+    ) -> Published:  # fmt: skip
+        letter = DeadLetter(subject=subject, reason=reason, payload=bytes(data), service=service,
+                            run_id=subjects.run_id, deliveries=deliveries,
+                            stream_sequence=seq)  # fmt: skip
+        msg_id = f"dlq:{subject}:{seq}" if seq is not None else None
+        return await self.publish(subjects.dlq, letter, msg_id)
+
+    # --- consuming -------------------------------------------------------------------------
+
+    async def work_consumer(
+        self,
+        run_id: str,
+        kind: StreamKind,
+        durable: str,
+        record_type: Any,
+        *,
+        service: str,
+        filter_subject: str | None = None,
+        ack_wait_s: float | None = None,
+        max_deliver: int | None = None,
+    ) -> LocalWorkConsumer[Any]:
+        subjects = RunSubjects(run_id)
+        stream = self._stream(run_id, kind)
+        key = (stream.name, durable)
+        if key not in self._consumers:  # like JetStream: the first binding sets the config
+            self._consumers[key] = _Consumer(
+                stream, durable, filter_subject or subjects.stream_subjects(kind)[0],
+                ack_wait_s or self.config.ack_wait_s, max_deliver or self.config.max_deliver,
+            )  # fmt: skip
+        return LocalWorkConsumer(self, subjects, kind, self._consumers[key], record_type, service)
+
+    async def consumer_lag(self, run_id: str, kind: StreamKind, durable: str) -> ConsumerLag:
+        stream = self._stream(run_id, kind)
+        try:
+            state = self._consumers[(stream.name, durable)]
+        except KeyError:
+            raise BusError(f"consumer {durable} not found on {stream.name}") from None
+        wanted = [m for m in stream.messages.values() if state.wanted(m)]
+        in_flight = sum(1 for m in wanted if (p := state.state.get(m.seq)) and p.in_flight)
+        delivered = sum(1 for m in wanted if (p := state.state.get(m.seq)) and p.deliveries)
+        return ConsumerLag(
+            num_pending=len(wanted) - delivered, num_ack_pending=in_flight,
+            num_redelivered=state.redelivered, ack_floor=state.ack_floor,
+            ack_wait_s=state.ack_wait_s, max_deliver=state.max_deliver,
+        )  # fmt: skip
+
+    async def replay(
+        self,
+        run_id: str,
+        split: Split,
+        start_seq: int = 1,
+        *,
+        follow: bool = False,
+        idle_timeout: float = 5.0,
+    ) -> AsyncIterator[tuple[int, SampleRef | EndOfSplit]]:
+        subjects = RunSubjects(run_id)
+        async for item in self.read_log(
+            subjects.stream("samples"), subjects.samples(split), SampleRef | EndOfSplit,
+            start_seq, follow=follow, idle_timeout=idle_timeout,
+        ):  # fmt: skip
+            yield item
+
+    async def records(
+        self, run_id: str, kind: StreamKind, record_type: Any
+    ) -> AsyncIterator[tuple[int, Any]]:
+        subjects = RunSubjects(run_id)
+        stream = subjects.stream(kind)
+        async for item in self.read_log(stream, subjects.stream_subjects(kind)[0], record_type):
+            yield item
+
+    async def read_log(
+        self,
+        stream: str,
+        subject: str,
+        record_type: Any,
+        start_seq: int = 1,
+        *,
+        follow: bool = False,
+        idle_timeout: float = 5.0,
+    ) -> AsyncIterator[tuple[int, Any]]:
+        try:
+            log_stream = self._streams[stream]
+        except KeyError:
+            if follow:
+                raise BusError(f"stream {stream} not found") from None
+            return
+        end = None if follow else log_stream.last_seq
+        seq = max(start_seq, 1)
+        while end is None or seq <= end:
+            if seq > log_stream.last_seq:
+                await self._wait_for_change(idle_timeout)
+                continue
+            message = log_stream.messages.get(seq)
+            seq += 1
+            if message is not None and _matches(subject, message.subject):
+                yield message.seq, decode(message.data, record_type, subject=message.subject)
+
+    async def last_record(self, run_id: str, kind: StreamKind, record_type: Any) -> Any | None:
+        last = await self.last_entry(run_id, kind, record_type)
+        return None if last is None else last[1]
+
+    async def last_entry(
+        self, run_id: str, kind: StreamKind, record_type: Any
+    ) -> tuple[int, Any] | None:
+        stream = self._streams.get(RunSubjects(run_id).stream(kind))
+        if stream is None or not stream.messages:
+            return None
+        message = stream.messages[next(reversed(stream.messages))]
+        return message.seq, decode(message.data, record_type, subject=message.subject)
+
+    # --- key-value -------------------------------------------------------------------------
+
+    async def put_record(self, key: str, record: Record, *, create_only: bool = False) -> bool:
+        if create_only and key in self._kv:
+            return False
+        self._kv[key] = encode(record)
+        return True
+
+    async def get_record(self, key: str, record_type: Any) -> Any | None:
+        data = self._kv.get(key)
+        return None if data is None else decode(data, record_type, subject=f"kv.{key}")
+
+    async def records_by_prefix(self, prefix: str, record_type: Any) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for key in sorted(k for k in self._kv if fnmatch.fnmatchcase(k, f"{prefix}*")):
+            try:
+                found[key] = decode(self._kv[key], record_type, subject=f"kv.{key}")
+            except ContractError as exc:
+                log.warning("unreadable KV record ignored", key=key, error=str(exc))
+        return found
+
+    async def put_run_spec(self, spec: RunSpec, *, replace: bool = False) -> RunSpec:
+        existing = await self.get_run_spec(spec.run_id)
+        if existing is None or replace:
+            self._kv[spec.run_id] = encode(spec)
+            return spec
+        if existing.spec_hash() == spec.spec_hash():
+            return existing
+        raise RunSpecConflict(
+            f"run {spec.run_id!r} already has a different spec (hash {existing.spec_hash()} vs "
+            f"{spec.spec_hash()}); choose a new run id or replace it explicitly"
+        )
+
+    async def get_run_spec(self, run_id: str) -> RunSpec | None:
+        return await self.get_record(run_id, RunSpec)
+
+    async def wait_for_record(
+        self, key: str, record_type: Any, *, timeout: float | None = None, poll: float = 0.5
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while (record := await self.get_record(key, record_type)) is None:
+            if deadline is not None and loop.time() > deadline:
+                raise BusError(f"nothing was written at KV key {key!r} within {timeout}s")
+            await asyncio.sleep(poll)
+        return record

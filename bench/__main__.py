@@ -5,7 +5,16 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ["featurestore", "bus", "train_step", "capture", "pipeline", "checkpoints", "distributed"]
+SUITES = [
+    "featurestore",
+    "bus",
+    "train_step",
+    "capture",
+    "pipeline",
+    "checkpoints",
+    "distributed",
+    "speculative",
+]
 
 
 def main(argv: list[str]) -> int:

@@ -47,6 +47,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "specforge_evaluator.command",
         "evaluator service: checkpoints -> acceptance -> eval results",
     ),
+    "report": (
+        "specforge_evaluator.report_command",
+        "results page of a run: loss, acceptance per position and over steps (HTML + PNG)",
+    ),
 }
 
 

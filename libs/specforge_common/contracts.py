@@ -284,10 +284,12 @@ class EvalResult(Record, kw_only=True, frozen=True):
     run_id: str
     step: int
     checkpoint_sha256: str
-    acceptance_rates: list[float]  # per draft position
+    acceptance_rates: list[float]  # offline, per draft position (eval split, teacher-forced)
     simulated_acceptance_length: float | None = None  # sum_k prod_{i<=k} acc_i, no bonus token
     serving_acceptance_length: float | None = None  # tokens per verification, bonus included
-    lossless: bool | None = None
+    # Real speculative decoding: P(draft position k accepted | positions < k accepted).
+    serving_acceptance_rates: list[float] = []
+    lossless: bool | None = None  # temperature 0: speculative output == target greedy output
     metrics: dict[str, float] = {}
     wall_seconds: dict[str, float] = {}
     run_spec_hash: str

@@ -1,4 +1,5 @@
-"""Data-parallel trainer throughput: ``specforge train`` with 1 rank vs 2 gloo ranks (torchrun).
+"""Data-parallel trainer throughput: ``specforge train`` with 1 rank vs 2 gloo ranks (torchrun),
+DDP and FSDP.
 
 One embedded nats-server, a ``file://`` feature store and the seeded tiny Llama target of
 ``bench/pipeline.py`` (hidden 128), all in a temp dir. Two runs get identical captured samples
@@ -11,7 +12,8 @@ data (1 epoch):
   ``OMP_NUM_THREADS=2`` / ``--threads 2``;
 - run B: ``python -m torch.distributed.run --nproc-per-node 2 -m specforge_common.cli train
   --run-id B``: 2 gloo ranks, each batch ``BATCH // 2`` (same global batch),
-  ``OMP_NUM_THREADS=1`` / ``--threads 1`` each.
+  ``OMP_NUM_THREADS=1`` / ``--threads 1`` each;
+- run C: as B with ``--fsdp`` (parameters and optimizer state sharded over the 2 ranks).
 
 samples/s comes from each rank's final JSON log line (``"training done"``: its ``samples`` and
 ``samples_per_s``, wall from the first fetch to the final checkpoint, step-0 and final checkpoint
@@ -98,7 +100,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(run_id: str, url: str, ranks: int, work: Path) -> dict[str, float]:
+def _train(run_id: str, url: str, ranks: int, work: Path, fsdp: bool = False) -> dict[str, float]:
     """One training command to the end of data; its ranks' "training done" lines, combined."""
     threads = 2 // ranks
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -106,7 +108,7 @@ def _train(run_id: str, url: str, ranks: int, work: Path) -> dict[str, float]:
             "SPECFORGE_LOG_LEVEL": "INFO"}  # fmt: skip
     train = ["-m", "specforge_common.cli", "train", "--run-id", run_id, "--nats", url,
              "--device", "cpu", "--threads", str(threads), "--spec-timeout", "30",
-             "--no-resume"]  # fmt: skip
+             "--no-resume", *(["--fsdp"] if fsdp else [])]  # fmt: skip
     if ranks == 1:
         cmd = [sys.executable, *train]
     else:
@@ -163,11 +165,13 @@ def run() -> BenchReport:
             target_dir = make_tiny_target(work / "target", arch="llama", seed=0, **TARGET)
             spec_a = _spec("bench-dist-a", target_dir, work, BATCH)
             spec_b = _spec("bench-dist-b", target_dir, work, BATCH // WORLD)
-            tokens = asyncio.run(_seed(server.url, [spec_a, spec_b]))
-            ones, twos = [], []
+            spec_c = _spec("bench-dist-c", target_dir, work, BATCH // WORLD)
+            tokens = asyncio.run(_seed(server.url, [spec_a, spec_b, spec_c]))
+            ones, twos, shards = [], [], []
             for _ in range(REPS):
                 ones.append(_train(spec_a.run_id, server.url, 1, work))
                 twos.append(_train(spec_b.run_id, server.url, WORLD, work))
+                shards.append(_train(spec_c.run_id, server.url, WORLD, work, fsdp=True))
     finally:
         torch.set_num_threads(threads_before)
         if bars:
@@ -176,13 +180,15 @@ def run() -> BenchReport:
     suite_wall = time.perf_counter() - suite_start
 
     s, t = "samples/s", "tokens/s"
-    one, two = (max(reps, key=lambda r: r[s]) for reps in (ones, twos))
+    one, two, sharded = (max(reps, key=lambda r: r[s]) for reps in (ones, twos, shards))
     report = BenchReport("distributed")
     report.add("1 rank (batch 4, 2 threads): samples/s", one[s], s)
     report.add("1 rank (batch 4, 2 threads): tokens/s", one[t], t)
     report.add(f"{WORLD} gloo ranks (batch 2 each, 1 thread each): samples/s", two[s], s)
     report.add(f"{WORLD} gloo ranks (batch 2 each, 1 thread each): tokens/s", two[t], t)
+    report.add(f"{WORLD} gloo ranks FSDP (batch 2 each, 1 thread each): samples/s", sharded[s], s)
     report.ratios["2 ranks vs 1 rank throughput"] = two[s] / one[s]
+    report.ratios["2 ranks FSDP vs 2 ranks DDP throughput"] = sharded[s] / two[s]
     report.notes.append(
         f"tiny llama target {TARGET}, fp32 CPU, {os.cpu_count()} cores; two runs with "
         f"identical captured samples (seed {SEED}): {N_TRAIN} train samples of "
@@ -210,7 +216,8 @@ def run() -> BenchReport:
         f"{REPS} interleaved repetitions (each run retrained from scratch with --no-resume), "
         f"the best of each counts; samples/s per repetition: 1 rank "
         f"{'/'.join(f'{r[s]:.1f}' for r in ones)}, {WORLD} ranks "
-        f"{'/'.join(f'{r[s]:.1f}' for r in twos)}"
+        f"{'/'.join(f'{r[s]:.1f}' for r in twos)}, {WORLD} ranks FSDP "
+        f"{'/'.join(f'{r[s]:.1f}' for r in shards)}"
     )
     report.notes.append(
         f"no goal: on a {os.cpu_count()}-core machine the two ranks compete for the same cores "

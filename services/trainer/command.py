@@ -9,6 +9,9 @@ finished: the command says so and exits 0. ``--no-resume`` trains from scratch i
 Under ``torchrun --nproc-per-node N specforge train --run R`` (``WORLD_SIZE > 1`` in the
 environment) every process is one rank of a data-parallel run: gloo on CPU, nccl on CUDA (each
 rank on ``cuda:<LOCAL_RANK>``); see ``specforge_trainer.distributed`` and the trainer loop.
+``--fsdp`` shards the draft's parameters and optimizer state over the ranks instead of
+replicating them (DDP), for drafts too large to replicate; checkpoints are the same either way,
+but a run resumes only under the parallelism it started with.
 Spell the run ``--run-id R`` there: torchrun's own parser takes ``--run`` for an abbreviation
 of its ``--run-path`` and refuses it as ambiguous.
 """
@@ -51,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train from scratch even if the run has checkpoints (they are overwritten)",
     )
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="multi-rank: shard parameters and optimizer state (FSDP2) instead of DDP",
+    )
     add_bus_arguments(parser)
 
 
@@ -92,7 +100,8 @@ async def _train(args: argparse.Namespace) -> int:
         try:
             trainer = Trainer(bus, args.run, device=device, spec_timeout=args.spec_timeout,
                               resume=not args.no_resume, rank=env.rank,
-                              world_size=env.world_size, local_rank=env.local_rank)  # fmt: skip
+                              world_size=env.world_size, local_rank=env.local_rank,
+                              parallel="fsdp" if args.fsdp else "ddp")  # fmt: skip
         except TrainerError as exc:
             print(f"specforge train: {exc}", file=sys.stderr)
             return 1

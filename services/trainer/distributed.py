@@ -5,6 +5,14 @@
 through ``MASTER_ADDR`` / ``MASTER_PORT``). ``DraftModule`` makes the strategy's forward a module
 forward, so DDP can wrap it (DDP only averages parameters with ``requires_grad``; the frozen
 embedding is left out). The helpers below are no-ops in a single process.
+
+FSDP (``shard_draft``, for drafts whose parameters, gradients and AdamW state do not fit one
+device several times over): FSDP2 ``fully_shard`` on the decoder layer and on the whole module,
+so each rank holds 1 / world_size of every parameter (the frozen target embedding included) and
+of the optimizer state, and all-gathers a unit only while it runs. Checkpoints stay
+sharding-free: ``full_state`` gathers the full weights and the optimizer state keyed by
+parameter name onto rank 0 (a collective), and ``load_full_state`` gives every rank its shard
+back from them.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from specforge_common.eagle3 import Eagle3Metrics
 __all__ = [
     "DistEnv",
     "DraftModule",
+    "full_state",
+    "load_full_state",
+    "shard_draft",
     "all_gather_objects",
     "all_reduce_flags",
     "all_reduce_metrics",
@@ -128,3 +139,55 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return [float(v) for v in t.tolist()]
+
+
+def shard_draft(module: DraftModule) -> DraftModule:
+    """One FSDP2 unit for the whole draft. The decoder layer is deliberately not a unit of its
+    own: the training-time-test unroll runs it ``ttt_length`` times per forward, and a separate
+    unit reshards and reduce-scatters it per use, which gave wrong gradients in testing."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(module)
+    return module
+
+
+def _options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_state(module: DraftModule, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(draft weights, optimizer state by parameter name), full, on rank 0's CPU; empty dicts
+    on the other ranks. A collective: every rank calls it at the same step."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    weights = get_model_state_dict(module, options=_options(cpu_offload=True))
+    prefix = "draft."
+    weights = {k.removeprefix(prefix): v for k, v in weights.items()}
+    if not optimizer.state:  # before the first step: reading would initialise it (a fake step)
+        return weights, {"state": {}, "param_groups": []}
+    optim = get_optimizer_state_dict(module, optimizer, options=_options(cpu_offload=True))
+    return weights, optim
+
+
+def load_full_state(
+    module: DraftModule,
+    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optim: dict[str, Any],
+) -> None:
+    """Every rank passes the full weights (unprefixed draft keys; missing frozen ones keep their
+    values) and full optimizer state; each keeps its shard. A collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    prefixed = {f"draft.{k}": v for k, v in weights.items()}
+    set_model_state_dict(module, prefixed, options=_options(strict=False))
+    if optim.get("state"):  # an empty one is a fresh optimizer: leave it uninitialised
+        set_optimizer_state_dict(module, optimizer, optim, options=_options())

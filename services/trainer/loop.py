@@ -57,6 +57,7 @@ own.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
 import math
@@ -64,7 +65,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import torch
@@ -94,7 +95,10 @@ from .distributed import (
     all_reduce_flags,
     all_reduce_metrics,
     all_reduce_sum,
+    full_state,
     init_process_group,
+    load_full_state,
+    shard_draft,
 )
 from .schedule import LRSchedule, total_optimizer_steps
 from .step_log import StepLog, read_step_log
@@ -261,9 +265,13 @@ class Trainer:
         resume: bool = False,
         world_size: int = 1,
         local_rank: int | None = None,
+        parallel: Literal["ddp", "fsdp"] = "ddp",
     ) -> None:
         if not 0 <= rank < world_size:
             raise TrainerError(f"rank {rank} is outside world size {world_size}")
+        if parallel not in ("ddp", "fsdp"):
+            raise TrainerError(f"parallel must be 'ddp' or 'fsdp', not {parallel!r}")
+        self.parallel = parallel
         self.bus, self.run_id, self.rank = bus, run_id, rank
         self.resume, self.world_size = resume, world_size
         self.local_rank = rank if local_rank is None else local_rank
@@ -275,6 +283,7 @@ class Trainer:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        self.fsdp = False  # the draft's parameters are sharded over the ranks
         self.spec_timeout, self.summary_timeout = spec_timeout, summary_timeout
         self.prefetch, self.fetch_threads = prefetch, fetch_threads
         self.subjects = RunSubjects(run_id)
@@ -349,14 +358,20 @@ class Trainer:
         self.strategy = strategy_cls(self.draft, self.head, ttt_length=spec.train.ttt_length,
                                      attention=spec.train.attention)  # fmt: skip
         train = spec.train
-        self.params = [p for p in self.draft.parameters() if p.requires_grad]
         self.compute: torch.nn.Module = DraftModule(self.draft, self.strategy)
         if self.world_size > 1:
             env = DistEnv(self.rank, self.world_size, self.local_rank)
             await loop.run_in_executor(None, init_process_group, env, self.device)
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.compute, device_ids=ids)
-            self.compute = self.ddp
+            if self.parallel == "fsdp":
+                # rank 0 exports through an unsharded copy (checkpoints are sharding-free)
+                self._export_draft = copy.deepcopy(self.draft).cpu() if self.rank == 0 else None
+                self.compute = shard_draft(self.compute)
+                self.fsdp = True
+            else:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.ddp = torch.nn.parallel.DistributedDataParallel(self.compute, device_ids=ids)
+                self.compute = self.ddp
+        self.params = [p for p in self.draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=train.learning_rate, betas=(0.9, 0.999),
                                            eps=1e-8, weight_decay=train.weight_decay)  # fmt: skip
         shard = math.ceil(summary.train / self.world_size)  # the largest rank's share
@@ -371,6 +386,7 @@ class Trainer:
             draft_params=sum(p.numel() for p in self.params), train_samples=summary.train,
             total_steps=self.total_steps, warmup_steps=self.schedule.warmup,
             vocab_map_hash=self.vocab_map.hash(), checkpoints=str(self.checkpoints.root),
+            parallel=self.parallel if self.world_size > 1 else None,
             warm_start=spec.draft.init_from or None,
             data_run=self.data_run if self.data_run != self.run_id else None,
         )  # fmt: skip
@@ -392,6 +408,8 @@ class Trainer:
         train_batch = (self._dummy_batch() if batch is None else batch.collate()).to(self.device)
         cuda = self.device.type == "cuda"
         no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
+        if self.fsdp:  # FSDP's no_sync: keep unsharded gradients, reduce-scatter at the boundary
+            self.compute.set_requires_gradient_sync(sync)
         with no_sync:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 loss, metrics = self.compute(train_batch)
@@ -410,8 +428,10 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.mul_(accumulation / micro_batches)
         max_norm = self.spec.train.max_grad_norm
-        norm = float(torch.nn.utils.clip_grad_norm_(
-            self.params, max_norm if max_norm > 0 else math.inf))  # fmt: skip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else math.inf)
+        if self.fsdp:  # a DTensor over the shards: the global norm
+            norm = norm.full_tensor()
+        norm = float(norm)
         lr = self.schedule(step)
         if math.isfinite(norm):
             for group in self.optimizer.param_groups:
@@ -466,6 +486,7 @@ class Trainer:
             "data_run": self.data_run,
             "rank": self.rank,
             "world_size": self.world_size,
+            "parallel": self.parallel,
             "strategy": self.spec.draft.strategy,
             "global_step": self.global_step,
             "samples_consumed": sum(p["samples_consumed"] for p in positions),
@@ -498,14 +519,21 @@ class Trainer:
                                                                 torch.get_rng_state())]  # fmt: skip
         if self.world_size > 1:  # a collective: every rank comes here at the same step
             gathered = await asyncio.to_thread(all_gather_objects, gathered[0])
+        draft, optimizer_state = self.draft, None
+        if self.fsdp:  # another collective: the full weights and optimizer state on rank 0
+            weights, optimizer_state = await asyncio.to_thread(full_state, self.compute,
+                                                               self.optimizer)  # fmt: skip
+            if self.rank == 0:
+                draft = self._export_draft
+                draft.load_state_dict(weights, strict=False)
         saved: SavedCheckpoint | None = None
         if self.rank == 0:
             state = self._state([p for p, _ in gathered])
-            tensors = self._tensors()
+            tensors = self._tensors(optimizer_state)
             if self.world_size > 1:
                 tensors["rng_cpu_by_rank"] = [rng for _, rng in gathered]
             saved = await asyncio.to_thread(
-                self.checkpoints.save, self.draft, step, state, final=final,
+                self.checkpoints.save, draft, step, state, final=final,
                 protect=unevaluated, tensors=tensors,
             )  # fmt: skip
             event = CheckpointEvent(
@@ -524,10 +552,13 @@ class Trainer:
         self._checkpointed_step = step
         return saved
 
-    def _tensors(self) -> dict[str, Any]:
-        """Optimizer and RNG states: tensors and plain containers (``weights_only`` loadable)."""
+    def _tensors(self, optimizer_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Optimizer and RNG states: tensors and plain containers (``weights_only`` loadable).
+        FSDP passes the gathered optimizer state (keyed by parameter name)."""
         tensors: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict()
+            if optimizer_state is None
+            else optimizer_state,
             "rng_cpu": torch.get_rng_state(),
         }
         if torch.cuda.is_available():
@@ -554,6 +585,7 @@ class Trainer:
             "run spec hash": (state.get("run_spec_hash"), self.spec_hash),
             "vocab map hash": (state.get("vocab_map_hash"), self.vocab_map.hash()),
             "world size": (state.get("world_size"), self.world_size),
+            "parallelism": (state.get("parallel", "ddp"), self.parallel),
             "strategy": (state.get("strategy"), self.spec.draft.strategy),
         }
         for what, (theirs, mine) in checks.items():
@@ -580,14 +612,17 @@ class Trainer:
             raise TrainerError(f"cannot resume from {step_dir}: it has no training state "
                                "(written by an older trainer)")  # fmt: skip
         weights = load_file(step_dir / "model.safetensors")
-        with torch.no_grad():
-            missing, unexpected = self.draft.load_state_dict(weights, strict=False)
-        frozen = tuple(self.draft.frozen_prefixes)
-        missing = [k for k in missing if not k.startswith(frozen)]
+        expected = set(self._export_state_keys())
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
         if missing or unexpected:
             raise TrainerError(f"cannot resume from {step_dir}: weights do not fit the draft "
                                f"(missing {missing}, unexpected {unexpected})")  # fmt: skip
-        self.optimizer.load_state_dict(tensors["optimizer"])
+        if self.fsdp:
+            load_full_state(self.compute, self.optimizer, weights, tensors["optimizer"])
+        else:
+            with torch.no_grad():
+                self.draft.load_state_dict(weights, strict=False)
+            self.optimizer.load_state_dict(tensors["optimizer"])
         rngs = tensors.get("rng_cpu_by_rank")
         if rngs is not None and self.rank < len(rngs):
             torch.set_rng_state(rngs[self.rank])
@@ -609,6 +644,11 @@ class Trainer:
             raise TrainerError(f"cannot resume from {step_dir} inside shuffled epoch "
                                f"{self.epoch}: it has no epoch index for rank {me}")  # fmt: skip
         self.latest_metrics = dict(state.get("metrics") or {})
+
+    def _export_state_keys(self) -> list[str]:
+        """The exported weight names, from the draft's (sharded) parameters and buffers."""
+        frozen = tuple(self.draft.frozen_prefixes)
+        return [k for k in self.draft.state_dict() if not k.startswith(frozen)]
 
     async def _ensure_event(self, saved: SavedCheckpoint, state: dict[str, Any]) -> None:
         """Publish the checkpoint's event if a crash came between the save and the publish."""

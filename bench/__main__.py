@@ -7,6 +7,7 @@ import sys
 
 SUITES = [
     "featurestore",
+    "mooncake",
     "bus",
     "train_step",
     "capture",

@@ -17,6 +17,11 @@ from .bus import BusConfig
 # name -> (module, one-line help). Each module has ``add_arguments(parser)`` and ``main(args)``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "nats-server": ("specforge_common.commands.nats_server", "run an embedded nats-server"),
+    "mooncake-master": ("specforge_common.commands.mooncake", "run a Mooncake store master"),
+    "mooncake-holder": (
+        "specforge_common.commands.mooncake",
+        "run a Mooncake segment holder: the memory mooncake:// samples live in",
+    ),
     "status": ("specforge_common.commands.status", "stream depths and consumer lag of a run"),
     "smoke": (
         "specforge_common.commands.smoke",

@@ -120,6 +120,13 @@ class CaptureSpec(msgspec.Struct, kw_only=True, frozen=True):
 class EvalSpec(msgspec.Struct, kw_only=True, frozen=True):
     max_samples: int = 64  # eval-split samples per checkpoint
     batch_size: int = 4
+    # Real speculative decoding per checkpoint: the prompt part (before the first loss token) of
+    # the first ``serving_prompts`` eval samples, ``max_new_tokens`` each, ``num_draft_tokens``
+    # drafted per target verification. 0 prompts: offline metrics only.
+    serving_prompts: int = 8
+    num_draft_tokens: int = 3
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy, checked token for token against the target (lossless)
 
 
 class RunSpec(Record, kw_only=True, frozen=True):

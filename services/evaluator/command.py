@@ -1,5 +1,8 @@
 """``specforge evaluate --run R``: the evaluator service (checkpoints -> acceptance -> evals).
 
+``specforge evaluate --draft DIR --target DIR --prompts FILE`` is the standalone mode instead: one
+draft judged by real speculative decoding, no bus (``standalone.py``).
+
 Reads the run spec from the bus (waiting up to ``--spec-timeout`` for whoever starts the run to
 store it), reads the eval split, then evaluates every CheckpointEvent of the run. Exit codes:
 0 done (stopped by SIGTERM/SIGINT, or the final checkpoint evaluated with ``--exit-when-final``),
@@ -14,13 +17,15 @@ from typing import TYPE_CHECKING
 
 from specforge_common.cli import add_bus_arguments, bus_config_from_args
 
+from . import standalone
+
 if TYPE_CHECKING:
     from specforge_common.bus import Bus
     from specforge_common.contracts import RunSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run id")
+    parser.add_argument("--run", help="run id (the service); or the standalone flags below")
     parser.add_argument(
         "--device", default="auto", help="torch device for the draft (default: cuda if present)"
     )
@@ -36,11 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait for the run spec to appear on the bus (default 300)",
     )
     add_bus_arguments(parser)
+    standalone.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     from specforge_common.log import configure_logging
 
+    if standalone.is_standalone(args):
+        configure_logging("console")
+        return standalone.main(args)
+    if not args.run:
+        print("specforge evaluate: give --run R (the service) or --draft/--target/--prompts")
+        return 2
     configure_logging("json")
     return asyncio.run(_evaluate(args))
 

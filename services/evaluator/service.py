@@ -53,6 +53,7 @@ from specforge_common.subjects import RunSubjects
 from specforge_common.targets import load_embedding, load_lm_head
 
 from .offline import evaluate_draft
+from .serving import ServingEval, prompts_from_samples
 
 SERVICE = "evaluator"
 DURABLE = "evaluator"
@@ -205,6 +206,7 @@ class Evaluator:
         self.subjects = RunSubjects(self.run_id)
         self.log = get_logger(service=SERVICE, run=self.run_id)
         self.eval_set: EvalSet | None = None
+        self.serving: ServingEval | None = None
         self.target_head: Tensor | None = None
         self.embedding: Tensor | None = None
         self.report = EvaluatorReport()
@@ -237,6 +239,34 @@ class Evaluator:
             self.log.warning(
                 "the eval split has no samples: EvalResults will carry no acceptance rates"
             )
+        if self.spec.eval.serving_prompts > 0:
+            self.serving = await asyncio.to_thread(self._prepare_serving)
+
+    def _prepare_serving(self) -> ServingEval | None:
+        """The full target and the eval prompts for real speculative decoding (worker thread)."""
+        from specforge_common.targets import HFTargetEngine
+
+        assert self.eval_set is not None
+        cfg = self.spec.eval
+        prompts = prompts_from_samples(self.eval_set.samples, cfg.serving_prompts)
+        if not prompts:
+            self.log.warning("no eval sample has a prompt: serving metrics are skipped")
+            return None
+        dtype = (
+            torch.float32 if self.device.type == "cpu" else getattr(torch, self.spec.target.dtype)
+        )
+        engine = HFTargetEngine.from_pretrained(
+            self.target_dir, device=self.device, dtype=dtype,
+            aux_layer_ids=self.spec.draft.aux_layer_ids,
+        )  # fmt: skip
+        serving = ServingEval(engine, prompts, num_draft_tokens=cfg.num_draft_tokens,
+                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              seed=self.spec.seed)  # fmt: skip
+        serving.prepare()
+        self.log.info("serving evaluation ready", prompts=len(prompts), k=cfg.num_draft_tokens,
+                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                      target_tokens_per_s=round(serving.baseline_tokens_per_s, 2))  # fmt: skip
+        return serving
 
     async def run(self) -> EvaluatorReport:
         if self.eval_set is None:
@@ -397,10 +427,16 @@ class Evaluator:
             batch_size=self.spec.eval.batch_size,
             attention=self.spec.train.attention,
         )
+        offline = time.perf_counter()
+        wall = {"load": loaded - started, "offline": offline - loaded}
+        fields = eval_result_fields(metrics, self.eval_set)
+        if self.serving is not None:
+            outcome = await asyncio.to_thread(self.serving.evaluate, draft)
+            wall["serving"] = outcome.seconds
+            fields |= outcome.as_fields()
+            fields["metrics"] = fields["metrics"] | outcome.metrics
         del draft
         done = time.perf_counter()
-        wall = {"load": loaded - started, "offline": done - loaded}
-        fields = eval_result_fields(metrics, self.eval_set)
         result = EvalResult(
             run_id=self.run_id,
             step=event.step,
@@ -415,6 +451,9 @@ class Evaluator:
             final=event.final,
             acc=[round(a, 4) for a in result.acceptance_rates],
             simulated_acceptance_length=result.simulated_acceptance_length,
+            serving_acceptance_length=result.serving_acceptance_length,
+            lossless=result.lossless,
+            speedup=result.metrics.get("speedup"),
             samples=len(self.eval_set.samples),
             wall_s=round(done - started, 3),
         )

@@ -70,6 +70,7 @@ __all__ = [
     "evaluate_speculative",
     "first_difference",
     "greedy_accept",
+    "greedy_references",
     "speculative_accept",
     "speculative_generate",
     "target_generate",
@@ -506,6 +507,25 @@ def first_difference(expected: Sequence[int], got: Sequence[int]) -> int | None:
     return None
 
 
+def greedy_references(
+    engine: HFTargetEngine,
+    prompts: Sequence[Sequence[int] | Tensor],
+    *,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """The target's own greedy continuation of each prompt, by ``engine.generate`` (HF's
+    generate: an implementation independent of this module's loop)."""
+    out = []
+    for prompt in prompts:
+        ids = _prompt_tensor(prompt, engine.device)[None]
+        out.append(list(engine.generate(
+            ids, torch.ones_like(ids), max_new_tokens=max_new_tokens, temperature=0.0,
+            stop_token_ids=stop_token_ids,
+        )[0]))  # fmt: skip
+    return out
+
+
 def evaluate_speculative(
     engine: HFTargetEngine,
     draft: Eagle3Draft,
@@ -517,9 +537,12 @@ def evaluate_speculative(
     seed: int | None = None,
     stop_token_ids: Sequence[int] | None = None,
     check_lossless: bool = True,
+    references: Sequence[Sequence[int]] | None = None,
 ) -> SpeculativeReport:
     """Speculative decoding over ``prompts``; at temperature 0 (and ``check_lossless``) each
     output must equal ``engine.generate``'s greedy output, else ``LosslessnessError``.
+    ``references`` are those greedy outputs computed earlier (``greedy_references``), for a
+    caller that checks many drafts against one target.
 
     Prompt ``i`` samples with seed ``seed + i`` (when a seed is given), so results do not depend
     on which prompts ran before.
@@ -533,11 +556,11 @@ def evaluate_speculative(
             seed=None if seed is None else seed + index, stop_token_ids=stop_token_ids,
         )  # fmt: skip
         if checking:
-            ids = _prompt_tensor(prompt, engine.device)[None]
-            expected = engine.generate(
-                ids, torch.ones_like(ids), max_new_tokens=max_new_tokens, temperature=0.0,
-                stop_token_ids=stop_token_ids,
-            )[0]  # fmt: skip
+            expected = (
+                list(references[index]) if references is not None else greedy_references(
+                    engine, [prompt], max_new_tokens=max_new_tokens,
+                    stop_token_ids=stop_token_ids)[0]
+            )  # fmt: skip
             position = first_difference(expected, result.tokens)
             if position is not None:
                 raise LosslessnessError(

@@ -63,8 +63,13 @@ async def test_evaluates_each_checkpoint_and_exits_after_the_final_one(
     first, last = results
     for r in results:
         assert len(r.acceptance_rates) == K
-        assert r.serving_acceptance_length is None and r.run_spec_hash == spec.spec_hash()
-        assert set(r.wall_seconds) == {"load", "offline"}
+        assert r.run_spec_hash == spec.spec_hash()
+        assert set(r.wall_seconds) == {"load", "offline", "serving"}
+        # real speculative decoding on the eval prompts: lossless, >= 1 token per verification
+        assert r.lossless is True and r.serving_acceptance_length >= 1.0
+        assert len(r.serving_acceptance_rates) == spec.eval.num_draft_tokens
+        assert r.metrics["serving/prompts"] == 5 and r.metrics["k"] == spec.eval.num_draft_tokens
+        assert r.metrics["speedup"] > 0 and r.metrics["tokens_per_s_target"] > 0
         assert r.metrics["eval/samples"] == 5 and r.metrics["eval/samples_skipped"] == 0
         assert {"eval/acc_0", "eval/loss", "eval/simulated_acc_len"} <= set(r.metrics)
         assert r.metrics["eval/acc_0"] == r.acceptance_rates[0]

@@ -62,6 +62,7 @@ StoreFactory = Callable[[str], FeatureStore]
 _SCHEMES: dict[str, StoreFactory] = {
     "file": FileFeatureStore.from_uri,
     "mem": MemoryFeatureStore.from_uri,
+    "mooncake": lambda uri: __import__(f"{__name__}.mooncake", fromlist=["_"]).from_uri(uri),
 }
 
 

@@ -106,6 +106,14 @@ async def test_specforge_run_end_to_end(
     first, last = evals[0], evals[checkpoints[-1].step]
     assert last.metrics["eval/loss"] < first.metrics["eval/loss"]
     assert last.simulated_acceptance_length > first.simulated_acceptance_length
+    for r in evals.values():  # both conventions on every checkpoint, from real decoding
+        assert r.lossless is True and r.serving_acceptance_length >= 1.0
+        assert r.simulated_acceptance_length is not None
+    report = Path(spec.output_dir) / run_id / "report"
+    assert f"report   {report / 'index.html'}" in done.stdout
+    html = (report / "index.html").read_text()
+    for png in ("loss.png", "acceptance_per_position.png", "acceptance_length.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png in html
 
     # The exported drafts load back in the SGLang layout, and the training loss on the train
     # samples (same data, same batching) is lower at the end than at the start.
@@ -147,3 +155,5 @@ def test_specforge_run_colocated(tmp_path: Path, tiny_target: Path, run_id: str)
     assert 0 < len(seen) < len(prompt_ids)
     assert "is better than the untrained one" in done.stdout
     assert f"exported draft (SGLang layout): {final}" in done.stdout
+    assert (run_dir / "report" / "acceptance_length.png").is_file()
+    assert "LOSSLESSNESS FAILED" not in done.stdout

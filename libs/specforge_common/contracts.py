@@ -104,6 +104,10 @@ class TrainSpec(msgspec.Struct, kw_only=True, frozen=True):
     # Epochs after the first read through a seeded window buffer of this many samples (seed:
     # the run's ``seed``); 0 or 1: every epoch in stream order. Epoch 0 is always stream order.
     shuffle_window: int = 0
+    # Consume-once: a train sample's features are deleted from the store once a checkpoint
+    # covers the optimizer step that used them (for stores that hold RAM, e.g. mooncake://).
+    # Needs epochs == 1; a run meant to be replayed keeps them (False, the default).
+    consume_features: bool = False
 
 
 class CaptureSpec(msgspec.Struct, kw_only=True, frozen=True):
@@ -115,6 +119,10 @@ class CaptureSpec(msgspec.Struct, kw_only=True, frozen=True):
     # Backpressure on the trainers' outstanding samples (pending + unacked in their consumer).
     high_water_samples: int = 10_000
     low_water_samples: int = 5_000
+    # Backpressure on the feature bytes outstanding in the store (0: off). Protects a store that
+    # evicts when full (mooncake://) from silently losing untrained samples.
+    high_water_bytes: int = 0
+    low_water_bytes: int = 0
 
 
 class EvalSpec(msgspec.Struct, kw_only=True, frozen=True):
@@ -185,6 +193,9 @@ class PromptTask(Record, kw_only=True, frozen=True):
     loss_mask_policy: Literal["assistant", "last_turn", "all", "given"] = "assistant"
     attempt: int = 0
     run_spec_hash: str = ""
+    # A trainer found this prompt's features missing (evicted): capture it again and announce
+    # the new SampleRef on the recaptured subject instead of the split's log.
+    recapture: bool = False
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.input_ids is None):

@@ -60,9 +60,10 @@ async def run_colocated(args: argparse.Namespace, spec: RunSpec, workdir: Path) 
         watcher = RunWatcher(bus, spec, [])
         ok = await _watch(tasks, watcher)
         await watcher.read_evals()
+        await watcher.write_report()
         watcher.print_summary(workdir)
         store.close()
-        return 0 if ok else 1
+        return 0 if ok and watcher.lossless else 1
 
 
 async def _watch(tasks: dict[asyncio.Task, str], watcher: Any) -> bool:

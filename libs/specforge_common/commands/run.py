@@ -82,8 +82,9 @@ async def _run(args: argparse.Namespace) -> int:
             processes = spawn_services(args, run_id, workdir / "logs", env)
             watcher = RunWatcher(bus, spec, processes)
             ok = await watcher.watch()
+            await watcher.write_report()
             watcher.print_summary(workdir)
-            return 0 if ok else 1
+            return 0 if ok and watcher.lossless else 1
     finally:
         if server is not None:
             server.stop()

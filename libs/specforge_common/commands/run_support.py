@@ -97,6 +97,7 @@ class RunWatcher:
     poll_s: float = 2.0
     evals: list[EvalResult] = field(default_factory=list)
     progress: TrainerProgress | None = None
+    report: Path | None = None
     _last_line: str = ""
 
     async def watch(self) -> bool:
@@ -157,14 +158,22 @@ class RunWatcher:
             p = self.progress
             lines.append(f"  trained  {p.step} optimizer steps on {p.samples_consumed} samples")
         if self.evals:
-            lines.append("  evals    step  accuracy per draft position   simulated acceptance "
-                         "length (no bonus token)")  # fmt: skip
+            lines.append("  evals    step  accuracy per draft position   simulated   serving  "
+                         "lossless  speedup")  # fmt: skip
             for r in self.evals:
                 accs = " ".join(f"{a:.3f}" for a in r.acceptance_rates)
-                sim = r.simulated_acceptance_length
+                sim, srv = r.simulated_acceptance_length, r.serving_acceptance_length
+                lossless = {True: "yes", False: "NO", None: "-"}[r.lossless]
+                speedup = r.metrics.get("speedup")
                 lines.append(
-                    f"           {r.step:>4}  {accs:<28} {'-' if sim is None else f'{sim:.4f}'}"
+                    f"           {r.step:>4}  {accs:<28} {_num(sim):>9}  {_num(srv):>7}  "
+                    f"{lossless:>8}  {_num(speedup, 2):>7}"
                 )
+            lines.append("           simulated = sum_k prod_{i<=k} acc_i (no bonus token); "
+                         "serving = tokens per target verification in real speculative "
+                         "decoding (bonus included)")  # fmt: skip
+            if any(r.lossless is False for r in self.evals):
+                lines.append("  LOSSLESSNESS FAILED on a checkpoint: see the evaluator log")
             before, after = (self.evals[0].simulated_acceptance_length,
                              self.evals[-1].simulated_acceptance_length)  # fmt: skip
             if before is not None and after is not None:
@@ -175,8 +184,23 @@ class RunWatcher:
         if latest.exists():
             draft_dir = latest.parent / latest.read_text().strip()
             lines.append(f"  exported draft (SGLang layout): {draft_dir}")
+        if self.report is not None:
+            lines.append(f"  report   {self.report}")
         lines.append(f"  logs     {workdir / 'logs'}")
         print("\n".join(lines))
+
+    async def write_report(self) -> None:
+        """The run's HTML/markdown report (``specforge report``), while the bus is still up."""
+        from specforge_evaluator.report import write_report
+
+        try:
+            self.report = (await write_report(self.bus, self.spec.run_id)).html
+        except Exception as exc:  # a report is a convenience: never fail the run for it
+            log.warning("cannot write the run report", error=repr(exc))
+
+    @property
+    def lossless(self) -> bool:
+        return not any(r.lossless is False for r in self.evals)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -184,3 +208,7 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"

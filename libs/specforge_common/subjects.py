@@ -3,21 +3,32 @@
 Each run gets its own streams, so retention, replay and deletion are per run:
 
     sf.<run>.prompts            PROMPTS      work queue: each PromptTask goes to one capture worker
+    sf.<run>.prompts.recapture  PROMPTS      work queue: prompts a trainer found evicted
     sf.<run>.samples.<split>    SAMPLES      durable log of SampleRefs (and EndOfSplit markers)
+    sf.<run>.samples.recaptured SAMPLES      SampleRefs of re-captured samples (not a split)
     sf.<run>.checkpoints        CHECKPOINTS  CheckpointEvents
     sf.<run>.evals              EVALS        EvalResults
     sf.<run>.dlq                DLQ          DeadLetters
+    sf.<run>.promptlog.<key>    PROMPTLOG    the last PromptTask of each prompt id (key: a hash
+                                             of it), kept after the work queue dropped it
+
+The PROMPTLOG stream exists so that a sample whose features were evicted from the store can be
+captured again from its prompt. Re-capture requests have their own subject (and capture consumer)
+so they neither wait behind the whole prompt queue nor count toward the end of data.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
 from .contracts import Split, validate_run_id
 
-StreamKind = Literal["prompts", "samples", "checkpoints", "evals", "dlq"]
-STREAM_KINDS: tuple[StreamKind, ...] = ("prompts", "samples", "checkpoints", "evals", "dlq")
+StreamKind = Literal["prompts", "samples", "checkpoints", "evals", "dlq", "promptlog"]
+STREAM_KINDS: tuple[StreamKind, ...] = (
+    "prompts", "samples", "checkpoints", "evals", "dlq", "promptlog",
+)  # fmt: skip
 
 # KV: run id -> RunSpec, "<run>.enqueue" -> EnqueueSummary, "<run>.progress.<rank>" ->
 # TrainerProgress.
@@ -60,6 +71,25 @@ class RunSubjects:
         return f"{self.prefix}.samples.>"
 
     @property
+    def recapture_prompts(self) -> str:
+        """Where a trainer asks for an evicted sample's prompt to be captured again."""
+        return f"{self.prefix}.prompts.recapture"
+
+    @property
+    def recaptured(self) -> str:
+        """SampleRefs of re-captured samples: in the SAMPLES stream, but no split's log."""
+        return f"{self.prefix}.samples.recaptured"
+
+    def prompt_log(self, prompt_id: str) -> str:
+        """The prompt log subject of one prompt id (any characters: the token is a hash)."""
+        key = hashlib.sha256(prompt_id.encode()).hexdigest()[:32]
+        return f"{self.prefix}.promptlog.{key}"
+
+    @property
+    def all_prompt_logs(self) -> str:
+        return f"{self.prefix}.promptlog.>"
+
+    @property
     def checkpoints(self) -> str:
         return f"{self.prefix}.checkpoints"
 
@@ -76,4 +106,11 @@ class RunSubjects:
         return f"SF_{self.run_id}_{kind.upper()}"
 
     def stream_subjects(self, kind: StreamKind) -> list[str]:
-        return [self.all_samples if kind == "samples" else getattr(self, kind)]
+        """The stream's subjects; the first is the one its records are read from by default."""
+        if kind == "prompts":
+            return [self.prompts, self.recapture_prompts]
+        if kind == "samples":
+            return [self.all_samples]
+        if kind == "promptlog":
+            return [self.all_prompt_logs]
+        return [getattr(self, kind)]

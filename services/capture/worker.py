@@ -41,7 +41,19 @@ the target produced.
 End of data: when a fetch comes back empty, the ``EnqueueSummary`` exists and the consumer has
 nothing pending or unacked, every prompt's SampleRef is in the samples stream; the worker
 publishes ``EndOfSplit`` for both splits (``msg_id = end:<run>:<split>``: the first worker's
-marker wins) and, with ``exit_when_done``, returns.
+marker wins) and, with ``exit_when_done``, returns once no trainer of the run is still training
+(no ``TrainerProgress`` at all, or every rank's says ``done``): until then it stays up to serve
+re-capture requests.
+
+Re-capture: a trainer that finds a sample's features missing (evicted from the store) sends its
+prompt again, with ``recapture=True``, to ``sf.<run>.prompts.recapture``, which a second durable
+consumer ("recapture") reads. A task of its own (serialized with the main loop on the target)
+serves it *without* passing the backpressure gate: the trainer waiting for that sample is what
+holds the backlog up, so gating it would deadlock. The sample is captured as usual (the store
+writes it, its key being gone) and its SampleRef goes to ``sf.<run>.samples.recaptured`` with
+``msg_id = recaptured:<sample id>:<attempt>``, never to the split's log (which already has the
+original: publishing there again would train it twice); it counts neither in the EndOfSplit
+markers nor toward the end of data.
 """
 
 from __future__ import annotations
@@ -63,15 +75,17 @@ from specforge_common.contracts import (
     PromptTask,
     RunSpec,
     SampleRef,
+    TrainerProgress,
 )
 from specforge_common.log import get_logger
-from specforge_common.subjects import RunSubjects, enqueue_key
+from specforge_common.subjects import RunSubjects, enqueue_key, progress_prefix
 from specforge_common.targets import TargetEngine
 
 from .backpressure import BackpressureGate
 
 SERVICE = "capture"
 DURABLE = "capture"
+RECAPTURE_DURABLE = "recapture"  # on sf.<run>.prompts.recapture
 
 
 def sample_id_for(run_id: str, prompt_id: str, spec_hash: str) -> str:
@@ -107,6 +121,7 @@ class Prepared:
 class CaptureStats:
     prompts_captured: int = 0  # acked after their SampleRef was stored by JetStream
     samples_published: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
+    recaptured: int = 0  # SampleRefs published on the recaptured subject
     duplicates: int = 0  # SampleRefs JetStream already had (a redelivered prompt)
     dead_lettered: int = 0
     retried: int = 0  # naks after a transient failure
@@ -125,6 +140,7 @@ class CaptureStats:
             "prompts_captured": self.prompts_captured,
             "published_train": self.samples_published["train"],
             "published_eval": self.samples_published["eval"],
+            "recaptured": self.recaptured,
             "duplicates": self.duplicates,
             "dead_lettered": self.dead_lettered,
             "retried": self.retried,
@@ -178,6 +194,9 @@ class CaptureWorker:
             self.run_id,
             high_water=capture.high_water_samples,
             low_water=capture.low_water_samples,
+            store=store,
+            high_water_bytes=capture.high_water_bytes,
+            low_water_bytes=capture.low_water_bytes,
             poll_s=backpressure_poll_s,
             log=self.log,
         )
@@ -189,6 +208,8 @@ class CaptureWorker:
         self._pad_id = engine.info.pad_token_id or 0
         self._started = time.monotonic()
         self._waiting_logged = False
+        self._lingering_logged = False
+        self._target_lock = asyncio.Lock()  # main loop and re-captures take turns on the target
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -205,6 +226,10 @@ class CaptureWorker:
         consumer: WorkConsumer[PromptTask] = await self.bus.work_consumer(
             self.run_id, "prompts", DURABLE, PromptTask, service=SERVICE,
             ack_wait_s=self.ack_wait_s,
+        )  # fmt: skip
+        recaptures: WorkConsumer[PromptTask] = await self.bus.work_consumer(
+            self.run_id, "prompts", RECAPTURE_DURABLE, PromptTask, service=SERVICE,
+            filter_subject=self.subjects.recapture_prompts, ack_wait_s=self.ack_wait_s,
         )  # fmt: skip
         # The consumer may predate this worker (another worker made it): use its settings.
         settings = await self.bus.consumer_lag(self.run_id, "prompts", DURABLE)
@@ -229,6 +254,8 @@ class CaptureWorker:
         self._emit_queue = asyncio.Queue(maxsize=max(depth, 1))
         emitter = asyncio.create_task(self._emit_loop()) if depth else None
         heartbeat = asyncio.create_task(self._heartbeat())
+        leaving = asyncio.Event()
+        recapturer = asyncio.create_task(self._serve_recaptures(recaptures, leaving))
         try:
             while not self._stop.is_set():
                 if not await self.gate.wait(self._stop):
@@ -240,12 +267,20 @@ class CaptureWorker:
                     await self._sleep(1.0)
                     continue
                 if deliveries:
-                    await self._process(deliveries)
+                    async with self._target_lock:
+                        await self._process(deliveries)
                     continue
                 self.stats.empty_fetches += 1
-                if await self._end_of_data() and self.exit_when_done:
+                if (
+                    await self._end_of_data()
+                    and self.exit_when_done
+                    and await self._trainers_done()
+                ):
                     break
         finally:
+            leaving.set()
+            await recapturer  # returns within one fetch timeout (plus the batch it holds)
+            await recaptures.close()
             if emitter is not None:  # settle everything already captured before leaving
                 await self._emit_queue.put(None)
                 await emitter
@@ -257,6 +292,37 @@ class CaptureWorker:
             await consumer.close()
             self._log_progress("capture worker stopped")
         return self.stats
+
+    async def _serve_recaptures(
+        self, consumer: WorkConsumer[PromptTask], leaving: asyncio.Event
+    ) -> None:
+        """Capture the prompts trainers ask for again, also while the gate pauses the main loop."""
+        while not (leaving.is_set() or self._stop.is_set()):
+            try:
+                deliveries = await consumer.fetch(self.spec.capture.batch_size,
+                                                  self.fetch_timeout_s)  # fmt: skip
+                if deliveries:
+                    async with self._target_lock:
+                        await self._process(deliveries)
+            except Exception as exc:  # a broker hiccup must not end re-capture for good
+                self.log.warning("re-capture failed; retrying", error=repr(exc))
+                await self._sleep(1.0)
+
+    async def _trainers_done(self) -> bool:
+        """No trainer of this run left to serve re-captures for: none reported, or all done."""
+        try:
+            progress = await self.bus.records_by_prefix(
+                progress_prefix(self.run_id), TrainerProgress
+            )
+        except Exception as exc:
+            self.log.warning("cannot read trainer progress; staying up", error=repr(exc))
+            return False
+        training = sorted(p.rank for p in progress.values() if not p.done)
+        if training and not self._lingering_logged:
+            self.log.info("end of data; staying up to re-capture evicted samples until the "
+                          "trainers finish", training_ranks=training)  # fmt: skip
+            self._lingering_logged = True
+        return not training
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -532,8 +598,7 @@ class CaptureWorker:
         try:
             refs = await asyncio.to_thread(self._store, chunk, rows)
             published = await self.bus.publish_many(
-                (self.subjects.samples(p.task.split), ref, ref.sample_id)
-                for p, ref in zip(chunk, refs, strict=True)
+                (self._subject(p), ref, self._msg_id(p)) for p, ref in zip(chunk, refs, strict=True)
             )
         except Exception as exc:
             await self._fail([p.delivery for p in chunk], exc, stage="store/publish")
@@ -543,10 +608,12 @@ class CaptureWorker:
             self._held.pop(id(p.delivery), None)
             if pub.duplicate:
                 self.stats.duplicates += 1
+            elif p.task.recapture:
+                self.stats.recaptured += 1
             else:
                 self.stats.samples_published[p.task.split] += 1
-            self.log.debug(
-                "sample captured",
+            (self.log.info if p.task.recapture else self.log.debug)(
+                "sample re-captured" if p.task.recapture else "sample captured",
                 sample_id=p.sample_id,
                 prompt_id=p.task.prompt_id,
                 split=p.task.split,
@@ -558,6 +625,13 @@ class CaptureWorker:
         self.stats.emitted += 1
         if self.stats.emitted % self.progress_every == 0:
             self._log_progress("capture progress")
+
+    def _subject(self, p: Prepared) -> str:
+        """A re-capture goes to the recaptured subject: the split's log has the original."""
+        return self.subjects.recaptured if p.task.recapture else self.subjects.samples(p.task.split)
+
+    def _msg_id(self, p: Prepared) -> str:
+        return f"recaptured:{p.sample_id}:{p.task.attempt}" if p.task.recapture else p.sample_id
 
     def _store(self, chunk: list[Prepared], rows: list[tuple[torch.Tensor, torch.Tensor]]):
         """Worker thread: put every sample of a forward in the store; their SampleRefs."""

@@ -5,7 +5,11 @@ capture is still producing (a resumed trainer starts mid-epoch: ``first_epoch`` 
 ``start_seq``), skips ``SampleRef``s stamped with another run-spec hash, fetches each
 sample's tensors from the feature store in worker threads a few samples ahead of the trainer,
 and stops at the ``EndOfSplit`` marker. Later epochs replay from sequence 1 up to the marker (the
-features must still be in the store). A sample whose tensors are missing, corrupt or malformed
+features must still be in the store). A sample whose tensors are missing (evicted) is captured
+again from its prompt (``recapture.Recapturer``: at most ``recapture_timeout_s`` seconds) and
+keeps its place in the order; its ``StreamSample.ref`` is then the re-captured SampleRef (same
+sample id, new features location and checksum), its ``seq`` the original one. A sample that
+cannot be re-captured, or whose tensors are corrupt (and were never re-captured) or malformed,
 is dead-lettered with the reason and skipped; the rest of the run goes on.
 
 Sharding (``rank``, ``world_size``, no coordinator): rank ``r`` keeps the SampleRefs whose
@@ -50,6 +54,8 @@ from specforge_common.featurestore.errors import FeatureCorruptError, FeatureMis
 from specforge_common.log import get_logger
 from specforge_common.subjects import RunSubjects
 
+from .recapture import RecaptureError, Recapturer
+
 __all__ = [
     "FEATURE_KEYS",
     "BatchReader",
@@ -65,6 +71,7 @@ __all__ = [
 FETCH_RETRIES = 2  # extra attempts for store errors other than missing / corrupt (I/O hiccups)
 FETCH_RETRY_DELAY_S = 0.5
 WAIT_LOG_EVERY_S = 30.0  # a trainer waiting on capture says so this often
+RECAPTURE_TIMEOUT_S = 300.0  # how long a sample whose features vanished waits to be re-captured
 
 
 @dataclass
@@ -84,7 +91,8 @@ class StreamSample:
 class StreamStats:
     samples: int = 0  # yielded to the trainer
     skipped_foreign: int = 0  # SampleRefs / markers stamped with another run-spec hash
-    dead_lettered: int = 0  # features missing, corrupt or malformed
+    dead_lettered: int = 0  # features missing (and not re-captured), corrupt or malformed
+    recaptured: int = 0  # features missing, captured again from the prompt
     wait_s: float = 0.0  # time the consumer was blocked on bus or store
     end_sequence: int | None = None  # sequence of the EndOfSplit marker
     epochs_done: int = 0
@@ -95,7 +103,8 @@ class _Pending:
     seq: int
     epoch: int
     ref: SampleRef
-    future: asyncio.Future[dict[str, torch.Tensor]]
+    # -> (the ref whose features were read: ``ref`` or a re-captured one, its tensors)
+    future: asyncio.Future[tuple[SampleRef, dict[str, torch.Tensor]]]
     index: int = -1
 
 
@@ -134,6 +143,7 @@ class SampleStream:
         shuffle_window: int = 0,
         shuffle_seed: int = 0,
         start_index: int = 0,
+        recapture_timeout_s: float = RECAPTURE_TIMEOUT_S,
     ) -> None:
         self.shuffle_window, self.shuffle_seed = shuffle_window, shuffle_seed
         self.start_index = start_index
@@ -153,6 +163,10 @@ class SampleStream:
         self.stats = StreamStats()
         self.log = get_logger(service=service, run=run_id, component="sample-stream")
         self._fetch_threads = max(1, fetch_threads)
+        # recapture_timeout_s <= 0: a missing sample is dead-lettered at once, as before.
+        self.recapture_timeout_s = recapture_timeout_s
+        self._recapturer = Recapturer(bus, run_id, timeout_s=recapture_timeout_s, log=self.log)
+        self._loads: set[asyncio.Task[Any]] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[Any] | None = None
         self._producer: asyncio.Task[None] | None = None
@@ -177,6 +191,10 @@ class SampleStream:
                 item = self._queue.get_nowait()
                 if isinstance(item, _Pending):
                     item.future.cancel()
+        for load in list(self._loads):  # also those taken off the queue or never queued
+            load.cancel()
+        if self._loads:
+            await asyncio.gather(*self._loads, return_exceptions=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -224,12 +242,12 @@ class SampleStream:
                     self._finished = True
                     raise item.error
                 try:
-                    tensors = item.future.result() if item.future.done() else await item.future
+                    ref, tensors = item.future.result() if item.future.done() else await item.future
                 except (FeatureStoreError, SampleError) as exc:
                     await self._dead_letter(item, exc)
                     continue
                 self.stats.samples += 1
-                return StreamSample(item.seq, item.epoch, item.ref, tensors, item.index)
+                return StreamSample(item.seq, item.epoch, ref, tensors, item.index)
         finally:
             self.stats.wait_s += time.perf_counter() - started
 
@@ -262,6 +280,43 @@ class SampleStream:
         check_sample(tensors, aux_size=self.aux_size, hidden_size=self.hidden_size)
         return tensors
 
+    async def _load(self, ref: SampleRef) -> tuple[SampleRef, dict[str, torch.Tensor]]:
+        """``(ref, tensors)``, or those of a re-captured ref of the same sample when ``ref``'s
+        features are missing: the newest re-captured ref in the log whose features are there,
+        else a new re-capture (``recapture.Recapturer``).
+
+        Corrupt features are dead-lettered as before, unless a re-captured ref exists: a
+        re-capture writes the same key, and its bytes may differ from the first capture's (GPU
+        non-determinism), which the original ref's checksum then rejects.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            return ref, await loop.run_in_executor(self._pool, self._fetch, ref)
+        except (FeatureMissingError, FeatureCorruptError) as exc:
+            if self.recapture_timeout_s <= 0:
+                raise
+            first = exc
+        known = await self._recapturer.known(ref.sample_id)
+        new, tensors = (known[-1] if known else None), None
+        if new is not None:
+            try:
+                tensors = await loop.run_in_executor(self._pool, self._fetch, new)
+            except FeatureMissingError:
+                new = None  # evicted again
+        if new is None:
+            if isinstance(first, FeatureCorruptError):
+                raise first
+            try:
+                new = await self._recapturer.request(ref, len(known) + 1)
+            except RecaptureError as exc:
+                raise FeatureMissingError(f"{first}; not re-captured: {exc}") from exc
+            tensors = await loop.run_in_executor(self._pool, self._fetch, new)
+        self.stats.recaptured += 1
+        self.log.info("using a re-captured sample", sample_id=ref.sample_id,
+                      first_capture=type(first).__name__, features=new.features.uri)  # fmt: skip
+        assert tensors is not None
+        return new, tensors
+
     async def _produce(self) -> None:
         assert self._queue is not None
         try:
@@ -278,7 +333,6 @@ class SampleStream:
 
     async def _replay_epoch(self, epoch: int, start: int) -> None:
         assert self._queue is not None and self._pool is not None
-        loop = asyncio.get_running_loop()
         shuffled = self.shuffle_window > 1 and epoch > 0
         sharded = self.world_size > 1
         if shuffled:
@@ -296,8 +350,10 @@ class SampleStream:
             index, emitted = emitted, emitted + 1
             if index < skip:
                 return
-            future = loop.run_in_executor(self._pool, self._fetch, ref)
-            await self._queue.put(_Pending(seq, epoch, ref, future, index))
+            load = asyncio.create_task(self._load(ref))
+            self._loads.add(load)
+            load.add_done_callback(self._loads.discard)
+            await self._queue.put(_Pending(seq, epoch, ref, load, index))
 
         position = 0  # of the next SampleRef in the split (sharded streams only)
         ended = False

@@ -52,6 +52,14 @@ of the largest shard (``ceil(train / world_size)`` samples).
 Replay: a spec with ``data_run`` set trains on that run's samples log, enqueue summary and
 vocab map (its SampleRefs carry the data run's spec hash); checkpoints and events are the run's
 own.
+
+Consume-once (``train.consume_features``, for stores that hold RAM such as ``mooncake://``): the
+features of a train sample are deleted once a checkpoint covers the optimizer step that used it
+-- not before, since a resume re-reads everything after the checkpoint. Each rank keeps the
+locations it trained on since the last checkpoint and deletes them after the checkpoint's
+collectives (a worker thread; a failed delete is logged, ``specforge sweep`` removes leftovers).
+Eval samples and the vocab map stay. It needs ``epochs == 1`` and is refused in a replay (which
+reads another run's features).
 """
 
 from __future__ import annotations
@@ -75,11 +83,12 @@ from specforge_common.contracts import (
     CheckpointEvent,
     EnqueueSummary,
     EvalResult,
+    FeatureLocation,
     RunSpec,
     TrainerProgress,
 )
 from specforge_common.eagle3 import Eagle3Metrics, VocabMap, apply_vocab_map, load_draft
-from specforge_common.featurestore import FeatureStore, open_store
+from specforge_common.featurestore import FeatureStore, FeatureStoreError, open_store
 from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
 from specforge_common.registry import DRAFT_ARCHITECTURES, STRATEGIES
@@ -155,6 +164,21 @@ def load_vocab_map(store: FeatureStore, summary: EnqueueSummary, vocab_size: int
             f"the target has V={vocab_size} and the spec asks V_d={draft_vocab_size}"
         )
     return vocab_map
+
+
+def delete_features(store: FeatureStore, locations: list[FeatureLocation]) -> tuple[int, int, str]:
+    """Delete samples' features (idempotent): (deleted, their bytes, the first error or "")."""
+    deleted = nbytes = 0
+    error = ""
+    for location in locations:
+        try:
+            store.delete(location)
+        except FeatureStoreError as exc:
+            error = error or repr(exc)
+            continue
+        deleted += 1
+        nbytes += location.nbytes
+    return deleted, nbytes, error
 
 
 def _target_config(target_dir: str | Path) -> dict[str, Any]:
@@ -322,6 +346,8 @@ class Trainer:
         self.spec, self.spec_hash = spec, spec.spec_hash()
         self.log = self.log.bind(spec_hash=self.spec_hash)
         self.data_run = getattr(spec, "data_run", "") or self.run_id
+        if spec.train.consume_features:
+            self._check_consume_once(spec)
         data_spec = spec
         if self.data_run != self.run_id:
             data_spec = await self._wait_record(
@@ -390,6 +416,19 @@ class Trainer:
             warm_start=spec.draft.init_from or None,
             data_run=self.data_run if self.data_run != self.run_id else None,
         )  # fmt: skip
+
+    def _check_consume_once(self, spec: RunSpec) -> None:
+        """Consume-once deletes what it trained on: no later epoch or other run may need it."""
+        why = ""
+        if spec.train.epochs > 1:
+            why = f"train.epochs is {spec.train.epochs}: later epochs re-read every sample"
+        elif self.data_run != self.run_id:
+            why = f"it replays run {self.data_run!r}, whose features are not its to delete"
+        if why:
+            raise TrainerError(
+                f"run {self.run_id!r} cannot use train.consume_features: {why}; set "
+                "train.consume_features = false (or train.epochs = 1)"
+            )
 
     # --- compute (worker thread) -----------------------------------------------------------
 
@@ -550,7 +589,18 @@ class Trainer:
         assert saved is not None
         self.saved.append(saved)
         self._checkpointed_step = step
+        if self._consumed:
+            await self._delete_consumed(step)
         return saved
+
+    async def _delete_consumed(self, step: int) -> None:
+        """Consume-once: the checkpoint at ``step`` covers these samples; free their features."""
+        locations, self._consumed = self._consumed, []
+        deleted, nbytes, error = await asyncio.to_thread(delete_features, self.store, locations)
+        self.log.info("consumed features removed", step=step, removed=deleted, bytes=nbytes)
+        if error:
+            self.log.warning("cannot remove some consumed features (specforge sweep will)",
+                             step=step, failed=len(locations) - deleted, error=error)  # fmt: skip
 
     def _tensors(self, optimizer_state: dict[str, Any] | None = None) -> dict[str, Any]:
         """Optimizer and RNG states: tensors and plain containers (``weights_only`` loadable).
@@ -686,6 +736,8 @@ class Trainer:
 
     def _record_trained(self, batches: list[StreamBatch]) -> None:
         samples = [s for b in batches for s in b.samples]
+        if self.spec.train.consume_features:
+            self._consumed.extend(s.ref.features for s in samples)
         self._trained.append({"step": self.global_step, "epoch": self.epoch, "rank": self.rank,
                               "seqs": [s.seq for s in samples],
                               "samples": [s.ref.sample_id for s in samples]})  # fmt: skip
@@ -756,6 +808,7 @@ class Trainer:
         self.latest_metrics: dict[str, float] = {}
         self.saved: list[SavedCheckpoint] = []
         self._checkpointed_step = -1
+        self._consumed: list[FeatureLocation] = []  # trained since the last checkpoint
         point = self._resume_point() if self.resume else None
         resumed_from: int | None = None
         if point is not None:

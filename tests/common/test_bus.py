@@ -443,3 +443,51 @@ async def test_records_by_prefix_reads_only_that_prefix(bus: Bus, run_id: str) -
     assert found == {progress_key(run_id, r): rec for r, rec in records.items()}
     assert await bus.put_record(progress_key(run_id, 0), records[1], create_only=True) is False
     assert await bus.get_record(progress_key(run_id, 0), TrainerProgress) == records[0]
+
+
+async def test_prompt_log_keeps_the_last_task_of_each_prompt_id(bus: Bus, run_id: str) -> None:
+    """``prompt_task`` reads a prompt back after the work queue dropped it (re-capture)."""
+    assert await bus.prompt_task(run_id, "p0") is None  # no streams yet
+    subjects = await bus.ensure_streams(run_id)
+    assert await bus.prompt_task(run_id, "p0") is None
+    odd = "src/1:ü .>*"  # anything may be in a prompt id; the subject token is a hash of it
+    first = PromptTask(run_id=run_id, prompt_id=odd, split="train", input_ids=[1, 2])
+    second = PromptTask(run_id=run_id, prompt_id=odd, split="train", input_ids=[3, 4, 5])
+    other = prompt(run_id, 7)
+    await bus.publish(subjects.prompt_log(odd), first, msg_id="a")
+    await bus.publish(subjects.prompt_log(other.prompt_id), other, msg_id="b")
+    await bus.publish(subjects.prompt_log(odd), second, msg_id="c")
+    assert await bus.prompt_task(run_id, odd) == second
+    assert await bus.prompt_task(run_id, "p7") == other
+    assert await bus.prompt_task(run_id, "p8") is None
+    assert await bus.stream_depth(run_id, "promptlog") == 2  # one message per prompt id
+    assert subjects.prompt_log(odd).startswith(f"sf.{run_id}.promptlog.")
+    assert len(subjects.prompt_log(odd).split(".")) == 4
+    await bus.delete_run_streams(run_id)  # the prompt log goes with the run's other streams
+    assert await bus.prompt_task(run_id, odd) is None
+
+
+async def test_recapture_requests_have_their_own_consumer_on_the_prompts_queue(
+    bus: Bus, run_id: str
+) -> None:
+    subjects = await bus.ensure_streams(run_id)
+    await bus.publish_many([(subjects.prompts, prompt(run_id, i), f"p{i}") for i in range(3)])
+    again = PromptTask(run_id=run_id, prompt_id="p1", split="train", input_ids=[1, 2],
+                       recapture=True, attempt=1)  # fmt: skip
+    await bus.publish(subjects.recapture_prompts, again, msg_id="recapture:s1:1")
+    main = await bus.work_consumer(run_id, "prompts", "capture", PromptTask, service="t")
+    side = await bus.work_consumer(run_id, "prompts", "recapture", PromptTask, service="t",
+                                   filter_subject=subjects.recapture_prompts)  # fmt: skip
+    got = await side.fetch(batch=10, timeout=5)
+    assert [d.record for d in got] == [again]
+    await got[0].ack_sync()
+    got = await main.fetch(batch=10, timeout=5)
+    assert [d.record.prompt_id for d in got] == ["p0", "p1", "p2"]
+    assert not any(d.record.recapture for d in got)
+    for d in got:
+        await d.ack_sync()
+    await bus.flush()
+    assert await bus.stream_depth(run_id, "prompts") == 0
+    assert (await main.lag()).outstanding == (await side.lag()).outstanding == 0
+    await main.close()
+    await side.close()

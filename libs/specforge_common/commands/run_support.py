@@ -8,9 +8,12 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import tomllib
 
@@ -21,6 +24,9 @@ from ..log import get_logger
 from ..subjects import progress_key
 
 log = get_logger(command="run")
+
+# ``store_uri = "mooncake://auto[?options]"``: a Mooncake master and holder for this run only.
+MOONCAKE_AUTO = "mooncake://auto"
 
 
 def build_spec(
@@ -48,6 +54,32 @@ def build_spec(
         log.info("default target SmolLM2-135M-Instruct (converted from its GGUF once, ~30 s)")
         data.setdefault("target", {})["path"] = str(prepare_smollm2())
     return build_run_spec(data, overrides)
+
+
+@contextmanager
+def embedded_mooncake(spec: RunSpec) -> Iterator[RunSpec]:
+    """For ``store_uri = mooncake://auto[?holder=SIZE&OPTIONS]``: start a Mooncake master and a
+    segment holder on loopback (``holder`` = its segment size, default 4 GiB; other options go
+    to the store URI) and yield the spec with the real ``mooncake://127.0.0.1:PORT`` URI; both
+    stop when the block ends, failed or not. Any other spec is yielded unchanged."""
+    parts = urlsplit(spec.store_uri)
+    if f"{parts.scheme}://{parts.netloc}" != MOONCAKE_AUTO:
+        yield spec
+        return
+    import msgspec
+
+    from ..mooncake_processes import DEFAULT_SEGMENT, MooncakeHolder, MooncakeMaster
+
+    if parts.path not in ("", "/") or parts.fragment:
+        raise ConfigError(f"store_uri {spec.store_uri!r}: use {MOONCAKE_AUTO}[?options]")
+    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    segment = options.pop("holder", DEFAULT_SEGMENT)
+    with MooncakeMaster() as master, MooncakeHolder(master.address, segment_size=segment):
+        options.setdefault("metrics", str(master.metrics_port))
+        uri = f"{master.store_uri}?{urlencode(options)}"
+        log.info("embedded mooncake store up", store=uri, holder_segment=str(segment))
+        yield msgspec.structs.replace(spec, store_uri=uri)
+    log.info("embedded mooncake store stopped", store=uri)
 
 
 @dataclass

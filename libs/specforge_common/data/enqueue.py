@@ -14,6 +14,11 @@ data again adds nothing while the stream's duplicate window (``BusConfig.duplica
 re-enqueue *after* the window re-adds the prompts to the queue; capture then recomputes the same
 deterministic sample ids and the feature store keeps the first copy, so only the bus log repeats.
 
+Every prompt also goes to the run's prompt log (``sf.<run>.promptlog.<key>``, msg id
+``log:prompt:<run>:<prompt id>``), just before its work-queue copy: the queue forgets a prompt
+once captured, the log keeps it, so a sample whose features are later evicted from the store can
+be captured again from its prompt (see ``specforge_trainer.recapture``).
+
 The draft vocabulary map is built from the loss-masked tokens of the **train** split. In decode
 mode the replies do not exist yet, so the dataset's own assistant turns (templated and masked the
 same way) stand in for them: an approximation of the target's own distribution. It is stored in
@@ -28,14 +33,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..bus import Bus
+from ..bus import Bus, Published
 from ..contracts import EnqueueSummary, PromptTask, RunSpec, Split
 from ..log import get_logger
-from ..subjects import enqueue_key
+from ..subjects import RunSubjects, enqueue_key
 from .chat import ChatTemplateError, generation_prompt_ids, split_of, tokenize_conversation
 from .sources import BadRecord, SourceRecord, read_conversations
 
-__all__ = ["EnqueueError", "EnqueueReport", "enqueue", "prompt_msg_id", "target_vocab_size"]
+__all__ = [
+    "EnqueueError",
+    "EnqueueReport",
+    "enqueue",
+    "prompt_log_msg_id",
+    "prompt_msg_id",
+    "publish_prompts",
+    "target_vocab_size",
+]
 
 PUBLISH_CHUNK = 256
 
@@ -68,6 +81,24 @@ class EnqueueReport:
 
 def prompt_msg_id(run_id: str, prompt_id: str) -> str:
     return f"prompt:{run_id}:{prompt_id}"
+
+
+def prompt_log_msg_id(run_id: str, prompt_id: str) -> str:
+    return f"log:{prompt_msg_id(run_id, prompt_id)}"
+
+
+async def publish_prompts(bus: Bus, tasks: list[PromptTask]) -> list[Published]:
+    """Publish each task to its run's prompt log, then to its work queue (pipelined); returns
+    the work-queue publications, in order."""
+    items = []
+    runs: dict[str, RunSubjects] = {}
+    for task in tasks:
+        run, prompt = task.run_id, task.prompt_id
+        if (subjects := runs.get(run)) is None:
+            subjects = runs[run] = RunSubjects(run)
+        items.append((subjects.prompt_log(prompt), task, prompt_log_msg_id(run, prompt)))
+        items.append((subjects.prompts, task, prompt_msg_id(run, prompt)))
+    return (await bus.publish_many(items))[1::2]
 
 
 def target_vocab_size(spec: RunSpec) -> int:
@@ -171,12 +202,12 @@ async def enqueue(
             f"size {vocab_size}"
         )
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
-    subjects = await bus.ensure_streams(run)
+    await bus.ensure_streams(run)
     spec_hash = spec.spec_hash()
     decode_mode = spec.capture.mode == "decode"
     counter = TokenCounter()
     seen: dict[str, int] = {}  # prompt id -> line, to report ids repeated within the source
-    batch: list[tuple[str, PromptTask, str]] = []
+    batch: list[PromptTask] = []
     log.info(
         "enqueue started",
         source=reader.name,
@@ -188,7 +219,7 @@ async def enqueue(
     async def flush() -> None:
         if not batch:
             return
-        for published in await bus.publish_many(batch):
+        for published in await publish_prompts(bus, batch):
             if published.duplicate:
                 report.duplicates += 1
             else:
@@ -260,7 +291,7 @@ async def enqueue(
             report.train += 1
         else:
             report.eval += 1
-        batch.append((subjects.prompts, task, prompt_msg_id(run, item.id)))
+        batch.append(task)
         if len(batch) >= chunk_size:
             await flush()
     await flush()

@@ -42,6 +42,10 @@ __all__ = [
 
 @runtime_checkable
 class FeatureStore(Protocol):
+    """What every backend does. Optional, looked up with ``getattr``: ``used_bytes() -> int |
+    None``, the bytes the store holds now (None: cannot tell), for stores that evict when full
+    (``mooncake://``); capture's byte backpressure reads it."""
+
     uri: str  # the URI it was opened with
 
     def put(self, sample_id: str, tensors: Mapping[str, torch.Tensor]) -> FeatureLocation: ...

@@ -22,7 +22,9 @@ this process lends; default 0, a pure client: a segment dies with its process), 
 ``host=`` (how peers reach this process; default loopback for a loopback master, else the
 address that routes to the master), ``metadata=P2PHANDSHAKE`` (or an etcd/http metadata server),
 ``pool=SIZE`` (free registered buffers kept for reuse, default 1 GiB), ``pin=auto|0|1`` (page-
-locked pool buffers; auto = when CUDA is available).
+locked pool buffers; auto = when CUDA is available), ``metrics=[HOST:]PORT`` (the master's
+metrics server, default the master host and port 9003: where ``used_bytes`` reads how full the
+store is, for capture's byte backpressure).
 
 Zero copy in transit: ``put`` copies the tensors once, encoding them straight into a registered
 pooled buffer that ``put_from`` sends; ``get_into`` / ``get_pooled`` land the bytes in a
@@ -46,6 +48,8 @@ import json
 import os
 import socket
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +65,12 @@ from specforge_common.featurestore.errors import (
     FeatureOutsideRootError,
     FeatureStoreError,
 )
-from specforge_common.mooncake_processes import IBVERBS_HINT, WHEEL_HINT, parse_size
+from specforge_common.mooncake_processes import (
+    DEFAULT_METRICS_PORT,
+    IBVERBS_HINT,
+    WHEEL_HINT,
+    parse_size,
+)
 
 PREFIX = "mooncake://"
 SCHEME = "mooncake"
@@ -90,7 +99,11 @@ _CODE_NAMES = {
     -900: "RPC_FAIL",
     -901: "RPC_TIMEOUT",
 }
-_OPTIONS = ("protocol", "devices", "segment", "namespace", "host", "metadata", "pool", "pin")
+_OPTIONS = ("protocol", "devices", "segment", "namespace", "host", "metadata", "pool", "pin",
+            "metrics")  # fmt: skip
+# The master's gauge of bytes allocated in all segments (every namespace, every client).
+ALLOCATED_METRIC = "master_allocated_bytes"
+_METRICS_TIMEOUT = 2.0
 
 
 class MooncakeUnavailableError(FeatureStoreError):
@@ -127,6 +140,7 @@ class MooncakeOptions:
     metadata: str = "P2PHANDSHAKE"
     pool: int = DEFAULT_POOL
     pin: str = "auto"
+    metrics: str = ""  # HOST:PORT of the master's metrics server
 
     @property
     def master(self) -> str:
@@ -161,7 +175,27 @@ class MooncakeOptions:
                 fields[name] = parse_size(fields[name])
         if "host" not in fields:
             fields["host"] = _local_host_towards(host, port)
+        fields["metrics"] = _metrics_address(uri, fields.get("metrics", ""), host)
         return cls(master_host=host, master_port=port, **fields)
+
+
+def _metrics_address(uri: str, value: str, master_host: str) -> str:
+    """``HOST:PORT`` from ``PORT``, ``HOST:PORT`` or nothing (the master's default port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = master_host, port or str(DEFAULT_METRICS_PORT)
+    if not port.isdigit() or not 0 < int(port) < 65536 or (sep and not host):
+        raise ValueError(f"mooncake store URI {uri!r}: metrics must be [HOST:]PORT")
+    return f"{host}:{int(port)}"
+
+
+def allocated_bytes(metrics_text: str) -> int | None:
+    """The ``master_allocated_bytes`` gauge of a master's Prometheus text, or None if absent."""
+    for line in metrics_text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == ALLOCATED_METRIC:
+            return int(float(value))
+    return None
 
 
 def _local_host_towards(host: str, port: int) -> str:
@@ -700,6 +734,16 @@ class MooncakeFeatureStore:
             if code < 0:
                 raise FeatureStoreError(f"cannot look up {location.uri}: {_status(code)}")
             return code == 1
+
+    def used_bytes(self) -> int | None:
+        """Bytes the whole store holds now (every namespace: eviction is store-wide), from the
+        master's metrics server; None if it does not answer (see the ``metrics`` option)."""
+        url = f"http://{self.options.metrics}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=_METRICS_TIMEOUT) as response:  # noqa: S310
+                return allocated_bytes(response.read().decode())
+        except (OSError, urllib.error.URLError, ValueError):
+            return None
 
     def close(self) -> None:
         """Wait for calls in flight, then unregister the pool and disconnect; later calls are

@@ -184,6 +184,37 @@ async def test_enqueuing_the_same_file_twice_adds_nothing(
     assert (await bus.get_record(enqueue_key(run_id), EnqueueSummary)).train == summary.train
 
 
+async def test_every_prompt_is_also_kept_in_the_prompt_log(
+    bus, run_id: str, target: Path, tokenizer, tmp_path: Path
+) -> None:
+    """The work queue forgets a captured prompt; the prompt log keeps it for a re-capture."""
+    spec = make_spec(run_id, target, tmp_path)
+    source = write_jsonl(tmp_path / "chats.jsonl", [{"id": f"c{i}. >", "messages": conversation(i)}
+                                                    for i in range(12)])  # fmt: skip
+    report = await enqueue(bus, spec, source, tokenizer=tokenizer, chunk_size=5)
+    assert report.published == 12 and report.duplicates == 0  # queue publications only
+    items = await published(bus, run_id)
+    assert await bus.stream_depth(run_id, "promptlog") == len(items) == 12
+    subjects = RunSubjects(run_id)
+    log_stream = subjects.stream("promptlog")
+    for _, task in items:
+        assert await bus.prompt_task(run_id, task.prompt_id) == task
+        msg = await bus.js.get_msg(log_stream, subject=subjects.prompt_log(task.prompt_id))
+        assert msg.headers["Nats-Msg-Id"] == f"log:prompt:{run_id}:{task.prompt_id}"
+
+    # Captured (acked) prompts leave the queue, not the log.
+    consumer = await bus.work_consumer(run_id, "prompts", "capture", PromptTask, service="t")
+    for delivery in await consumer.fetch(batch=20, timeout=5):
+        await delivery.ack_sync()
+    await consumer.close()
+    assert await bus.stream_depth(run_id, "prompts") == 0
+    assert await bus.prompt_task(run_id, "c3. >") == dict(items)[f"prompt:{run_id}:c3. >"]
+
+    again = await enqueue(bus, spec, source, tokenizer=tokenizer)
+    assert (again.published, again.duplicates) == (0, 12)
+    assert await bus.stream_depth(run_id, "promptlog") == 12
+
+
 async def test_decode_mode_publishes_conversations(
     bus, run_id: str, target: Path, tokenizer, tmp_path: Path
 ) -> None:

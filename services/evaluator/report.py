@@ -12,7 +12,6 @@ decoding, tokens emitted per target verification step, bonus token included).
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from specforge_common.contracts import CheckpointEvent, EvalResult
 from specforge_common.log import get_logger
+from specforge_common.step_log import read_step_log, train_metrics_path
 
 if TYPE_CHECKING:
     from specforge_common.bus import Bus
 
 log = get_logger(component="report")
 
-TRAIN_METRICS_NAME = "train_metrics.jsonl"
 LOSS_PNG = "loss.png"
 POSITIONS_PNG = "acceptance_per_position.png"
 LENGTH_PNG = "acceptance_length.png"
@@ -64,29 +63,9 @@ class Report:
 
 
 def read_train_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of the trainer's ``train_metrics.jsonl``; [] when the file is absent.
-
-    A line that is not a JSON object with an integer ``step`` is skipped (a crash can leave a
-    torn last line); a step logged twice (a resumed trainer) keeps its last row.
-    """
-    if not path.is_file():
-        return []
-    rows: dict[int, dict[str, Any]] = {}
-    skipped = 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            skipped += 1
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            skipped += 1
-            continue
-        rows[row["step"]] = row
-    if skipped:
-        log.warning("skipped unreadable train-metrics lines", path=str(path), lines=skipped)
+    """Rows of the trainer's ``train_metrics.jsonl`` by step; [] when the file is absent.
+    Torn lines are skipped (``read_step_log``); a step logged twice keeps its last row."""
+    rows = {row["step"]: row for row in read_step_log(path)}
     return [rows[step] for step in sorted(rows)]
 
 
@@ -430,7 +409,7 @@ async def write_report(
         out_dir = root / run_id / "report"
     checkpoints = [event async for _, event in bus.records(run_id, "checkpoints", CheckpointEvent)]
     evals = [result async for _, result in bus.records(run_id, "evals", EvalResult)]
-    metrics_path = root / run_id / TRAIN_METRICS_NAME if root is not None else None
+    metrics_path = train_metrics_path(root, run_id) if root is not None else None
     train_metrics = read_train_metrics(metrics_path) if metrics_path is not None else []
     log.info(
         "report inputs gathered",

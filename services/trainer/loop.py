@@ -92,6 +92,12 @@ from specforge_common.featurestore import FeatureStore, FeatureStoreError, open_
 from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
 from specforge_common.registry import DRAFT_ARCHITECTURES, STRATEGIES
+from specforge_common.step_log import (
+    StepLog,
+    read_step_log,
+    train_metrics_path,
+    trained_samples_path,
+)
 from specforge_common.subjects import RunSubjects, enqueue_key, progress_key
 from specforge_common.targets import load_embedding, load_lm_head, resolve_aux_layer_ids
 
@@ -110,30 +116,16 @@ from .distributed import (
     shard_draft,
 )
 from .schedule import LRSchedule, total_optimizer_steps
-from .step_log import StepLog, read_step_log
 
 __all__ = ["TrainResult", "Trainer", "TrainerError", "build_draft", "load_vocab_map"]
 
 SERVICE = "trainer"
 WAIT_LOG_EVERY_S = 30.0
-TRAINED_SAMPLES_NAME = "trained_samples.jsonl"
-TRAIN_METRICS_NAME = "train_metrics.jsonl"
-
-
-def trained_samples_path(output_dir: str | Path, run_id: str, rank: int = 0) -> Path:
-    """Where rank ``rank`` of a run logs the sample ids of each optimizer step."""
-    name = TRAINED_SAMPLES_NAME if rank == 0 else f"trained_samples.rank{rank}.jsonl"
-    return (Path(output_dir) / run_id / name).absolute()
 
 
 def read_trained_samples(path: str | Path) -> list[dict[str, Any]]:
     """The entries of a trained-samples log; a torn last line (a crash mid-write) is dropped."""
     return read_step_log(path)
-
-
-def train_metrics_path(output_dir: str | Path, run_id: str) -> Path:
-    """Where rank 0 logs the metrics of every log window (what ``specforge report`` plots)."""
-    return (Path(output_dir) / run_id / TRAIN_METRICS_NAME).absolute()
 
 
 class TrainerError(RuntimeError):
@@ -961,6 +953,7 @@ class Trainer:
             data_wait=round(result.data_wait_fraction, 4),
             skipped_foreign=stream.stats.skipped_foreign,
             dead_lettered=stream.stats.dead_lettered,
+            recaptured=stream.stats.recaptured,
             final=str(final.path) if final else None,
             checkpoint=str(self.saved[-1].path) if self.saved else None,
         )  # fmt: skip

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from specforge_common.bus import Bus
 from specforge_common.contracts import CheckpointEvent, TrainerProgress
+from specforge_common.step_log import read_step_log
 from specforge_common.subjects import progress_key
 from specforge_common.targets import make_tiny_target
 from specforge_trainer.checkpoints import CheckpointManager
 from specforge_trainer.loop import Trainer, TrainerError, read_trained_samples, train_metrics_path
-from specforge_trainer.step_log import read_step_log
 from tests.support import seed_captured_run, tiny_run_spec
 from tests.trainer import stream_records, train_spec
 from tests.trainer.test_command import train_command

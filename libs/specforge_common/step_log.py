@@ -1,10 +1,10 @@
-"""Append-only JSON-lines logs keyed by optimizer step, cut back on resume.
+"""Append-only JSON-lines logs keyed by optimizer step, cut back on resume, and where they live.
 
 The trainer keeps two: which samples each optimizer step trained on (``trained_samples.jsonl``,
-per rank) and the metrics of each log window (``train_metrics.jsonl``, rank 0; the report plots
-it). A resume from step ``s`` keeps the entries of steps ``<= s`` only, so each log describes
-exactly the weights it sits next to. Lines are flushed as written (a kill -9 keeps them) and
-fsynced at checkpoints; a torn last line from a crash is skipped when read.
+per rank) and the metrics of each log window (``train_metrics.jsonl``, rank 0; the evaluator's
+report plots it). A resume from step ``s`` keeps the entries of steps ``<= s`` only, so each
+log describes exactly the weights it sits next to. Lines are flushed as written (a kill -9
+keeps them) and fsynced at checkpoints; a torn last line from a crash is skipped when read.
 """
 
 from __future__ import annotations
@@ -13,6 +13,20 @@ import json
 import os
 from pathlib import Path
 from typing import IO, Any
+
+TRAINED_SAMPLES_NAME = "trained_samples.jsonl"
+TRAIN_METRICS_NAME = "train_metrics.jsonl"
+
+
+def trained_samples_path(output_dir: str | Path, run_id: str, rank: int = 0) -> Path:
+    """Where rank ``rank`` of a run logs the sample ids of each optimizer step."""
+    name = TRAINED_SAMPLES_NAME if rank == 0 else f"trained_samples.rank{rank}.jsonl"
+    return (Path(output_dir) / run_id / name).absolute()
+
+
+def train_metrics_path(output_dir: str | Path, run_id: str) -> Path:
+    """Where rank 0 logs the metrics of every log window."""
+    return (Path(output_dir) / run_id / TRAIN_METRICS_NAME).absolute()
 
 
 def read_step_log(path: str | Path) -> list[dict[str, Any]]:

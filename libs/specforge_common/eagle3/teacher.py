@@ -30,21 +30,44 @@ def shift_left(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=1)
 
 
+# Rows of full-vocabulary logits materialised at once: 1024 x 128k fp32 = 512 MiB, where a whole
+# 2048-token sample would need 1 GiB for the logits plus as much again for logsumexp's temporary.
+TEACHER_CHUNK_ROWS = 1024
+
+
 @torch.no_grad()
 def prepare_teacher(
-    batch: TrainBatch, target_head: torch.Tensor, t2d: torch.Tensor, ttt_length: int
+    batch: TrainBatch,
+    target_head: torch.Tensor,
+    t2d: torch.Tensor,
+    ttt_length: int,
+    *,
+    chunk_rows: int = TEACHER_CHUNK_ROWS,
 ) -> Teacher:
-    """``target_head`` is the target's lm_head weight [V, H_t]; ``t2d`` the draft-vocab mask [V]."""
-    hidden = shift_left(batch.hidden_states)
-    logits = upcast(hidden.to(target_head.dtype) @ target_head.T)  # [B, T, V]
-    target_ids = logits.argmax(dim=-1)
-    loss_mask = batch.loss_mask.to(logits.dtype)
-    position_mask = t2d[target_ids].to(logits.dtype) * loss_mask
-    draft_logits = logits[..., t2d]  # ascending target id == draft id order
-    target_p = draft_logits.softmax(dim=-1)
-    p_on_draft = (draft_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
+    """``target_head`` is the target's lm_head weight [V, H_t]; ``t2d`` the draft-vocab mask [V].
 
-    B, _, V_d = target_p.shape
+    The full-vocab logits are computed ``chunk_rows`` positions at a time; only the
+    draft-vocab outputs ([B, T, V_d]) are ever whole."""
+    hidden = shift_left(batch.hidden_states)
+    B, T, _ = hidden.shape
+    rows = hidden.reshape(B * T, -1)
+    V_d = int(t2d.sum())
+    dtype = upcast(target_head[:0]).dtype  # what ``upcast`` makes of the logits
+    target_p = torch.empty(B * T, V_d, dtype=dtype, device=hidden.device)
+    p_on_draft = torch.empty_like(target_p)
+    target_ids = torch.empty(B * T, dtype=torch.int64, device=hidden.device)
+    for start in range(0, B * T, max(1, chunk_rows)):
+        chunk = slice(start, start + chunk_rows)
+        logits = upcast(rows[chunk].to(target_head.dtype) @ target_head.T)  # [rows, V]
+        target_ids[chunk] = logits.argmax(dim=-1)
+        draft_logits = logits[:, t2d]  # ascending target id == draft id order
+        target_p[chunk] = draft_logits.softmax(dim=-1)
+        p_on_draft[chunk] = (draft_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
+    target_p, p_on_draft = target_p.view(B, T, V_d), p_on_draft.view(B, T, V_d)
+    target_ids = target_ids.view(B, T)
+    loss_mask = batch.loss_mask.to(dtype)
+    position_mask = t2d[target_ids].to(dtype) * loss_mask
+
     pad_p = target_p.new_full((B, ttt_length, V_d), 1.0 / V_d)
     return Teacher(
         input_ids=shift_left(batch.input_ids),

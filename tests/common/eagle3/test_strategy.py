@@ -194,6 +194,26 @@ def test_teacher_has_targets_inside_and_outside_the_draft_vocab() -> None:
     assert inside.any() and (~inside).any()
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 3, B * T, 10 * B * T])
+def test_teacher_in_row_chunks_equals_the_whole_batch_at_once(chunk_rows: int) -> None:
+    """Chunking only bounds memory: every teacher tensor matches one computed from the whole
+    ``[B, T, V]`` logits by the independent formulas of the spec."""
+    from specforge_common.eagle3.teacher import prepare_teacher, shift_left
+
+    draft, head, batch, used = make_setup()
+    teacher = prepare_teacher(batch, head, draft.t2d, K, chunk_rows=chunk_rows)
+    logits = shift_left(batch.hidden_states) @ head.T  # fp64, whole
+    draft_logits = logits[..., used]
+    assert torch.equal(teacher.target_ids[:, :T], logits.argmax(-1))
+    torch.testing.assert_close(teacher.target_p[:, :T], draft_logits.softmax(-1), rtol=0,
+                               atol=1e-12)  # fmt: skip
+    on_draft = draft_logits.exp() / logits.exp().sum(-1, keepdim=True)
+    torch.testing.assert_close(teacher.p_on_draft[:, :T], on_draft, rtol=1e-9, atol=1e-12)
+    assert torch.equal(teacher.position_mask,
+                       torch.isin(logits.argmax(-1), used) * batch.loss_mask)  # fmt: skip
+    assert torch.all(teacher.target_p[:, T:] == 1.0 / V_D)
+
+
 def test_float32_matches_the_float64_reference() -> None:
     draft, head, batch, _ = make_setup()
     ref_loss, _ = reference(draft, head, batch, K)

@@ -8,6 +8,7 @@ can never be decoded are dead-lettered with the reason and terminated, not retri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
 from collections.abc import AsyncIterator, Iterable
@@ -41,6 +42,11 @@ log = get_logger(component="bus")
 R = TypeVar("R", bound=Record)
 
 STREAM_EXISTS_DIFFERENT = 10058  # JetStream err_code: stream name in use with another config
+
+
+def given_up_reason(deliveries: int) -> str:
+    return (f"delivered {deliveries} times and never settled (the worker crashed, hung or was "
+            "killed on it each time); JetStream stopped redelivering it")  # fmt: skip
 
 
 class BusError(RuntimeError):
@@ -415,6 +421,54 @@ class Bus:
             config=config,
         )
         return WorkConsumer(self, subjects, kind, durable, record_type, sub, service)
+
+    async def given_up(
+        self, run_id: str, kind: StreamKind, durable: str
+    ) -> AsyncIterator[tuple[int, int]]:
+        """``(stream sequence, deliveries)`` of each message the consumer ``durable`` stopped
+        redelivering after ``max_deliver`` attempts (JetStream's max-deliveries advisory).
+
+        Such a message was never settled — its worker crashed or hung on it every time — so
+        nobody dead-lettered it; it stays in the stream. See ``dead_letter_given_up``.
+        """
+        stream = RunSubjects(run_id).stream(kind)
+        sub = await self.nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{durable}"
+        )
+        try:
+            async for msg in sub.messages:
+                try:
+                    advisory = msgspec.json.decode(msg.data)
+                    yield int(advisory["stream_seq"]), int(advisory.get("deliveries", 0))
+                except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+                    log.warning("unreadable max-deliveries advisory", error=repr(exc))
+        finally:
+            with contextlib.suppress(nats.errors.ConnectionClosedError,
+                                     nats.errors.BadSubscriptionError):  # fmt: skip
+                await sub.unsubscribe()
+
+    async def dead_letter_given_up(
+        self, run_id: str, kind: StreamKind, seq: int, deliveries: int, *, service: str
+    ) -> bool:
+        """Dead-letter a message ``given_up`` reported and delete it from its stream (a work
+        queue would otherwise keep it forever). False when it is already gone (another worker
+        handled the same advisory)."""
+        subjects = RunSubjects(run_id)
+        stream = subjects.stream(kind)
+        try:
+            msg = await self.js.get_msg(stream, seq)
+        except nats.js.errors.NotFoundError:
+            return False
+        letter = DeadLetter(subject=msg.subject, reason=given_up_reason(deliveries),
+                            payload=bytes(msg.data or b""),
+                            service=service, run_id=run_id, deliveries=deliveries,
+                            stream_sequence=seq)  # fmt: skip
+        await self.publish(subjects.dlq, letter, f"dlq:{msg.subject}:{seq}")
+        try:
+            await self.js.delete_msg(stream, seq)
+        except nats.js.errors.NotFoundError:
+            pass
+        return True
 
     async def consumer_lag(self, run_id: str, kind: StreamKind, durable: str) -> ConsumerLag:
         info = await self.js.consumer_info(RunSubjects(run_id).stream(kind), durable)

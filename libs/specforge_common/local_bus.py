@@ -37,6 +37,7 @@ from .bus import (
     R,
     RunSpecConflict,
     StreamState,
+    given_up_reason,
 )
 from .contracts import (
     ContractError,
@@ -90,6 +91,7 @@ class _Pending:
     deliveries: int = 0
     ready_at: float = 0.0  # monotonic time it may be (re)delivered
     in_flight: bool = False
+    given_up: bool = False  # max_deliver reached without a settle: announced once
 
 
 @dataclass
@@ -102,6 +104,14 @@ class _Consumer:
     state: dict[int, _Pending] = field(default_factory=dict)  # seq -> delivery state
     settled: set[int] = field(default_factory=set)  # acked or terminated (limits streams)
     redelivered: int = 0
+    advisories: list[asyncio.Queue[tuple[int, int]]] = field(default_factory=list)
+
+    def give_up(self, seq: int, pending: _Pending) -> None:
+        """Like JetStream's max-deliveries advisory: tell every ``given_up`` listener, once."""
+        if not pending.given_up:
+            pending.given_up = True
+            for queue in self.advisories:
+                queue.put_nowait((seq, pending.deliveries))
 
     def wanted(self, message: _Message) -> bool:
         return _matches(self.filter_subject, message.subject) and message.seq not in self.settled
@@ -201,11 +211,13 @@ class LocalWorkConsumer(Generic[R]):
                 continue
             pending = state.state.setdefault(message.seq, _Pending())
             if pending.deliveries >= state.max_deliver and not pending.in_flight:
-                continue  # given up on, like JetStream: stays in the stream, never redelivered
+                state.give_up(message.seq, pending)  # stays in the stream, never redelivered
+                continue
             if pending.in_flight or pending.ready_at > now:
                 if pending.in_flight and pending.ready_at <= now:  # ack wait expired
                     pending.in_flight = False
                     if pending.deliveries >= state.max_deliver:
+                        state.give_up(message.seq, pending)
                         continue
                 else:
                     at = pending.ready_at
@@ -418,6 +430,33 @@ class LocalBus:
                 ack_wait_s or self.config.ack_wait_s, max_deliver or self.config.max_deliver,
             )  # fmt: skip
         return LocalWorkConsumer(self, subjects, kind, self._consumers[key], record_type, service)
+
+    async def given_up(
+        self, run_id: str, kind: StreamKind, durable: str
+    ) -> AsyncIterator[tuple[int, int]]:
+        stream = self._stream(run_id, kind)
+        state = self._consumers.get((stream.name, durable))
+        if state is None:
+            raise BusError(f"consumer {durable} not found on {stream.name}")
+        queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        state.advisories.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            state.advisories.remove(queue)
+
+    async def dead_letter_given_up(
+        self, run_id: str, kind: StreamKind, seq: int, deliveries: int, *, service: str
+    ) -> bool:
+        stream = self._stream(run_id, kind)
+        message = stream.messages.pop(seq, None)
+        if message is None:
+            return False
+        reason = given_up_reason(deliveries)
+        await self._dead_letter(RunSubjects(run_id), message.subject, message.data, reason,
+                                service=service, deliveries=deliveries, seq=seq)  # fmt: skip
+        return True
 
     async def consumer_lag(self, run_id: str, kind: StreamKind, durable: str) -> ConsumerLag:
         stream = self._stream(run_id, kind)

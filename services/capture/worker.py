@@ -23,6 +23,9 @@ One pass of the loop:
 A failure in a forward/store/publish naks its prompts with exponential backoff; a multi-row
 forward that fails is first retried row by row, so one poison sample cannot take its batch
 mates down with it. A prompt delivered ``max_deliver`` times that fails again is dead-lettered.
+One that never fails but never gets settled either (it crashes, hangs or OOM-kills the worker
+every time) is given up by JetStream after ``max_deliver`` deliveries; every worker listens for
+that advisory, dead-letters the prompt with the reason and deletes it from the queue.
 A crash anywhere before the ack means redelivery: the sample id is deterministic, the store keeps
 the first copy of an id and JetStream drops the duplicate SampleRef (within its duplicate
 window), so no sample is lost or doubled.
@@ -254,6 +257,7 @@ class CaptureWorker:
         self._emit_queue = asyncio.Queue(maxsize=max(depth, 1))
         emitter = asyncio.create_task(self._emit_loop()) if depth else None
         heartbeat = asyncio.create_task(self._heartbeat())
+        given_up = asyncio.create_task(self._dead_letter_given_up())
         leaving = asyncio.Event()
         recapturer = asyncio.create_task(self._serve_recaptures(recaptures, leaving))
         try:
@@ -285,6 +289,7 @@ class CaptureWorker:
                 await self._emit_queue.put(None)
                 await emitter
             heartbeat.cancel()
+            given_up.cancel()
             try:
                 await self.bus.flush()  # acks are fire-and-forget: get them out before exit
             except Exception as exc:
@@ -292,6 +297,27 @@ class CaptureWorker:
             await consumer.close()
             self._log_progress("capture worker stopped")
         return self.stats
+
+    async def _dead_letter_given_up(self) -> None:
+        """Prompts JetStream stopped redelivering (every delivery crashed or hung a worker) go
+        to the DLQ with the reason and leave the queue; every worker listens, one wins."""
+        try:
+            async for seq, deliveries in self.bus.given_up(self.run_id, "prompts", DURABLE):
+                try:
+                    done = await self.bus.dead_letter_given_up(
+                        self.run_id, "prompts", seq, deliveries, service=SERVICE
+                    )
+                    if done:
+                        self.stats.dead_lettered += 1
+                        self.log.error("prompt given up after max_deliver: dead-lettered",
+                                       seq=seq, deliveries=deliveries)  # fmt: skip
+                except Exception as exc:
+                    self.log.warning("cannot dead-letter a given-up prompt", seq=seq,
+                                     error=repr(exc))  # fmt: skip
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.warning("not watching for given-up prompts", error=repr(exc))
 
     async def _serve_recaptures(
         self, consumer: WorkConsumer[PromptTask], leaving: asyncio.Event

@@ -249,6 +249,45 @@ async def test_prompts_fetched_but_never_acked_are_captured_once(
     await assert_queue_drained(bus, run_id)
 
 
+async def test_a_prompt_that_kills_every_worker_is_dead_lettered_and_leaves_the_queue(
+    bus, run_id, target_dir, engine, tmp_path
+) -> None:
+    """A prompt whose every delivery dies unsettled (here max_deliver=1: one fetch, then the
+    "worker" vanishes) is given up by JetStream; a running worker hears the advisory,
+    dead-letters it with the reason and deletes it, so the queue drains and nothing else is
+    lost."""
+    spec = make_spec(run_id, target_dir, tmp_path)
+    tasks = token_tasks(spec, 4, seed=4)
+    await start_run(bus, spec, tasks, summary=True)
+    raw = await bus.work_consumer(run_id, "prompts", "capture", PromptTask, service="test",
+                                  ack_wait_s=1.0, max_deliver=1)  # fmt: skip
+    (poison,) = await raw.fetch(1, timeout=5)
+    await raw.close()
+    worker = new_worker(bus, spec, engine, exit_when_done=False)
+    running = asyncio.create_task(worker.run())
+    try:
+        await until(lambda: _has_letter(bus, run_id, poison.record.prompt_id))
+        await until(lambda: _queue_empty(bus, run_id))
+    finally:
+        worker.stop()
+        stats = await asyncio.wait_for(running, TIMEOUT)
+    letters = await dead_letters(bus, run_id)
+    assert list(letters) == [poison.record.prompt_id] and "never settled" in letters[
+        poison.record.prompt_id]  # fmt: skip
+    refs, _ = await samples_log(bus, run_id)
+    check_samples(spec, engine, [t for t in tasks if t.prompt_id != poison.record.prompt_id], refs)
+    assert stats.dead_lettered == 1
+    await assert_queue_drained(bus, run_id)
+
+
+async def _has_letter(bus, run_id: str, prompt_id: str) -> bool:
+    return prompt_id in await dead_letters(bus, run_id)
+
+
+async def _queue_empty(bus, run_id: str) -> bool:
+    return await bus.stream_depth(run_id, "prompts") == 0
+
+
 class CrashAfterPublish(CaptureWorker):
     """Dies between the PubAck of its SampleRefs and the ack of its prompts."""
 

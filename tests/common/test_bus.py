@@ -20,6 +20,7 @@ from specforge_common.contracts import (
     SampleRef,
     TargetSpec,
     TensorSpec,
+    decode,
 )
 from specforge_common.local_bus import LocalBus
 from specforge_common.subjects import STREAM_KINDS, RunSubjects
@@ -491,3 +492,34 @@ async def test_recapture_requests_have_their_own_consumer_on_the_prompts_queue(
     assert (await main.lag()).outstanding == (await side.lag()).outstanding == 0
     await main.close()
     await side.close()
+
+
+async def test_a_message_never_settled_is_given_up_then_dead_lettered_once(
+    bus: Bus, run_id: str
+) -> None:
+    """A worker that dies on a message (fetch, never settle) max_deliver times: the bus says so
+    (JetStream's advisory), and dead-lettering it empties the work queue; a second worker
+    handling the same advisory finds it gone."""
+    subjects = await bus.ensure_streams(run_id)
+    await bus.publish(subjects.prompts, prompt(run_id, 0), "p0")
+    consumer = await bus.work_consumer(run_id, "prompts", "capture", PromptTask, service="t",
+                                       ack_wait_s=0.5, max_deliver=2)  # fmt: skip
+    advisories = bus.given_up(run_id, "prompts", "capture")
+    waiting = asyncio.ensure_future(anext(advisories))
+    for attempt in (1, 2):  # each "crash" drops the delivery unsettled
+        (dropped,) = await consumer.fetch(batch=1, timeout=5)
+        assert dropped.deliveries == attempt
+    while not waiting.done():  # the in-process bus notices on its next fetch, NATS by a timer
+        assert await consumer.fetch(batch=1, timeout=0.3) == []
+    seq, deliveries = await asyncio.wait_for(waiting, timeout=10)
+    assert (seq, deliveries) == (dropped.stream_seq, 2)
+    lag = await consumer.lag()
+    assert lag.outstanding == 0 and await bus.stream_depth(run_id, "prompts") == 1  # still there
+    assert await bus.dead_letter_given_up(run_id, "prompts", seq, deliveries, service="cap")
+    assert not await bus.dead_letter_given_up(run_id, "prompts", seq, deliveries, service="cap")
+    assert await bus.stream_depth(run_id, "prompts") == 0
+    (letter,) = [r async for _, r in bus.records(run_id, "dlq", DeadLetter)]
+    assert letter.stream_sequence == seq and letter.deliveries == 2
+    assert "never settled" in letter.reason and decode(letter.payload, PromptTask).prompt_id == "p0"
+    await advisories.aclose()
+    await consumer.close()

@@ -175,7 +175,25 @@ class Delivery(Generic[R]):
         await self._msg.term()
 
 
-class WorkConsumer(Generic[R]):
+class ConsumerReads:
+    """``messages`` and ``lag`` of both buses' work consumers, from their ``fetch``."""
+
+    async def messages(
+        self, batch: int = 100, timeout: float = 1.0, *, stop_when_idle: bool = False
+    ) -> AsyncIterator[Delivery[R]]:
+        """Deliveries forever (or until one fetch comes back empty with ``stop_when_idle``)."""
+        while True:
+            deliveries = await self.fetch(batch, timeout)
+            if not deliveries and stop_when_idle:
+                return
+            for delivery in deliveries:
+                yield delivery
+
+    async def lag(self) -> ConsumerLag:
+        return await self.bus.consumer_lag(self.subjects.run_id, self.kind, self.durable)
+
+
+class WorkConsumer(ConsumerReads, Generic[R]):
     """A durable pull consumer shared by any number of workers (each message goes to one)."""
 
     def __init__(
@@ -219,20 +237,6 @@ class WorkConsumer(Generic[R]):
             out.append(Delivery(record, msg, self))
         return out
 
-    async def messages(
-        self, batch: int = 100, timeout: float = 1.0, *, stop_when_idle: bool = False
-    ) -> AsyncIterator[Delivery[R]]:
-        """Deliveries forever (or until one fetch comes back empty with ``stop_when_idle``)."""
-        while True:
-            deliveries = await self.fetch(batch, timeout)
-            if not deliveries and stop_when_idle:
-                return
-            for delivery in deliveries:
-                yield delivery
-
-    async def lag(self) -> ConsumerLag:
-        return await self.bus.consumer_lag(self.subjects.run_id, self.kind, self.durable)
-
     async def close(self) -> None:
         # Unsubscribing first keeps a later drain from hanging on an expired fetch.
         try:
@@ -241,7 +245,66 @@ class WorkConsumer(Generic[R]):
             pass
 
 
-class Bus:
+class BusReads:
+    """The reads both buses (``Bus``, ``LocalBus``) derive from their own primitives
+    (``read_log``, ``last_entry``, ``stream_state``, ``get_record``): written once, so the
+    two behave the same by construction."""
+
+    async def stream_depth(self, run_id: str, kind: StreamKind) -> int:
+        return (await self.stream_state(run_id, kind)).messages
+
+    async def replay(
+        self,
+        run_id: str,
+        split: Split,
+        start_seq: int = 1,
+        *,
+        follow: bool = False,
+        idle_timeout: float = 5.0,
+    ) -> AsyncIterator[tuple[int, SampleRef | EndOfSplit]]:
+        """``(stream sequence, record)`` of a split's samples log in order, from ``start_seq``.
+
+        Without ``follow`` it stops at the last message present when called; with ``follow`` it
+        keeps waiting for new ones. Nothing is acked or consumed: replay leaves no trace.
+        """
+        subjects = RunSubjects(run_id)
+        async for item in self.read_log(
+            subjects.stream("samples"), subjects.samples(split), SampleRef | EndOfSplit,
+            start_seq, follow=follow, idle_timeout=idle_timeout,
+        ):  # fmt: skip
+            yield item
+
+    async def records(
+        self, run_id: str, kind: StreamKind, record_type: Any
+    ) -> AsyncIterator[tuple[int, Any]]:
+        """Every record of a run stream (checkpoints, evals, dlq) in order, as of now."""
+        subjects = RunSubjects(run_id)
+        stream = subjects.stream(kind)
+        async for item in self.read_log(stream, subjects.stream_subjects(kind)[0], record_type):
+            yield item
+
+    async def last_record(self, run_id: str, kind: StreamKind, record_type: Any) -> Any | None:
+        """The newest record of a run stream, or None (for status displays)."""
+        last = await self.last_entry(run_id, kind, record_type)
+        return None if last is None else last[1]
+
+    async def get_run_spec(self, run_id: str) -> RunSpec | None:
+        return await self.get_record(run_id, RunSpec)
+
+    async def wait_for_record(
+        self, key: str, record_type: Any, *, timeout: float | None = None, poll: float = 0.5
+    ) -> Any:
+        """The record at ``key``, waiting until someone writes it (services start in any order)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while (record := await self.get_record(key, record_type)) is None:
+            if deadline is not None and loop.time() > deadline:
+                raise BusError(f"nothing was written at KV key {key!r} within {timeout}s")
+            await asyncio.sleep(poll)
+        return record
+
+
+class Bus(BusReads):
     """A JetStream connection with typed publish, consume, replay and run-spec storage."""
 
     def __init__(self, nc: nats.NATS, config: BusConfig) -> None:
@@ -336,9 +399,6 @@ class Bus:
                 await self.js.delete_stream(subjects.stream(kind))
             except nats.js.errors.NotFoundError:
                 pass
-
-    async def stream_depth(self, run_id: str, kind: StreamKind) -> int:
-        return (await self.stream_state(run_id, kind)).messages
 
     async def stream_state(self, run_id: str, kind: StreamKind) -> StreamState:
         info = await self.js.stream_info(RunSubjects(run_id).stream(kind))
@@ -481,36 +541,6 @@ class Bus:
             max_deliver=int(info.config.max_deliver or 0),
         )
 
-    async def replay(
-        self,
-        run_id: str,
-        split: Split,
-        start_seq: int = 1,
-        *,
-        follow: bool = False,
-        idle_timeout: float = 5.0,
-    ) -> AsyncIterator[tuple[int, SampleRef | EndOfSplit]]:
-        """``(stream sequence, record)`` of a split's samples log in order, from ``start_seq``.
-
-        Without ``follow`` it stops at the last message present when called; with ``follow`` it
-        keeps waiting for new ones. Nothing is acked or consumed: replay leaves no trace.
-        """
-        subjects = RunSubjects(run_id)
-        async for item in self.read_log(
-            subjects.stream("samples"), subjects.samples(split), SampleRef | EndOfSplit,
-            start_seq, follow=follow, idle_timeout=idle_timeout,
-        ):  # fmt: skip
-            yield item
-
-    async def records(
-        self, run_id: str, kind: StreamKind, record_type: Any
-    ) -> AsyncIterator[tuple[int, Any]]:
-        """Every record of a run stream (checkpoints, evals, dlq) in order, as of now."""
-        subjects = RunSubjects(run_id)
-        stream = subjects.stream(kind)
-        async for item in self.read_log(stream, subjects.stream_subjects(kind)[0], record_type):
-            yield item
-
     async def read_log(
         self,
         stream: str,
@@ -561,11 +591,6 @@ class Bus:
         except nats.js.errors.NotFoundError:  # no such message, or no prompt log at all
             return None
         return decode(msg.data, PromptTask, subject=subject)
-
-    async def last_record(self, run_id: str, kind: StreamKind, record_type: Any) -> Any | None:
-        """The newest record of a run stream, or None (for status displays)."""
-        last = await self.last_entry(run_id, kind, record_type)
-        return None if last is None else last[1]
 
     async def last_entry(
         self, run_id: str, kind: StreamKind, record_type: Any
@@ -668,21 +693,6 @@ class Bus:
             )
         await kv.put(spec.run_id, data)
         return spec
-
-    async def get_run_spec(self, run_id: str) -> RunSpec | None:
-        return await self.get_record(run_id, RunSpec)
-
-    async def wait_for_record(
-        self, key: str, record_type: Any, *, timeout: float | None = None, poll: float = 0.5
-    ) -> Any:
-        """The record at ``key``, waiting until someone writes it (services start in any order)."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while (record := await self.get_record(key, record_type)) is None:
-            if deadline is not None and loop.time() > deadline:
-                raise BusError(f"nothing was written at KV key {key!r} within {timeout}s")
-            await asyncio.sleep(poll)
-        return record
 
 
 async def _log_error(exc: Exception) -> None:

@@ -32,7 +32,9 @@ from typing import Any, Generic
 from .bus import (
     BusConfig,
     BusError,
+    BusReads,
     ConsumerLag,
+    ConsumerReads,
     Published,
     R,
     RunSpecConflict,
@@ -42,12 +44,9 @@ from .bus import (
 from .contracts import (
     ContractError,
     DeadLetter,
-    EndOfSplit,
     PromptTask,
     Record,
     RunSpec,
-    SampleRef,
-    Split,
     decode,
     encode,
 )
@@ -181,7 +180,7 @@ class LocalDelivery(Generic[R]):
         await self.term()
 
 
-class LocalWorkConsumer(Generic[R]):
+class LocalWorkConsumer(ConsumerReads, Generic[R]):
     """A durable work consumer (``bus.WorkConsumer``'s API); every binding shares its state."""
 
     def __init__(
@@ -262,24 +261,11 @@ class LocalWorkConsumer(Generic[R]):
             out.append(LocalDelivery(record, message, deliveries, self))
         return out
 
-    async def messages(
-        self, batch: int = 100, timeout: float = 1.0, *, stop_when_idle: bool = False
-    ) -> AsyncIterator[LocalDelivery[R]]:
-        while True:
-            deliveries = await self.fetch(batch, timeout)
-            if not deliveries and stop_when_idle:
-                return
-            for delivery in deliveries:
-                yield delivery
-
-    async def lag(self) -> ConsumerLag:
-        return await self.bus.consumer_lag(self.subjects.run_id, self.kind, self.durable)
-
     async def close(self) -> None:
         pass
 
 
-class LocalBus:
+class LocalBus(BusReads):
     """``Bus`` without a broker: one process, memory only; see the module doc."""
 
     def __init__(self, config: BusConfig | None = None) -> None:
@@ -353,9 +339,6 @@ class LocalBus:
             return self._streams[name]
         except KeyError:
             raise BusError(f"stream {name} not found (call ensure_streams first)") from None
-
-    async def stream_depth(self, run_id: str, kind: StreamKind) -> int:
-        return (await self.stream_state(run_id, kind)).messages
 
     async def stream_state(self, run_id: str, kind: StreamKind) -> StreamState:
         stream = self._stream(run_id, kind)
@@ -473,30 +456,6 @@ class LocalBus:
             ack_wait_s=state.ack_wait_s, max_deliver=state.max_deliver,
         )  # fmt: skip
 
-    async def replay(
-        self,
-        run_id: str,
-        split: Split,
-        start_seq: int = 1,
-        *,
-        follow: bool = False,
-        idle_timeout: float = 5.0,
-    ) -> AsyncIterator[tuple[int, SampleRef | EndOfSplit]]:
-        subjects = RunSubjects(run_id)
-        async for item in self.read_log(
-            subjects.stream("samples"), subjects.samples(split), SampleRef | EndOfSplit,
-            start_seq, follow=follow, idle_timeout=idle_timeout,
-        ):  # fmt: skip
-            yield item
-
-    async def records(
-        self, run_id: str, kind: StreamKind, record_type: Any
-    ) -> AsyncIterator[tuple[int, Any]]:
-        subjects = RunSubjects(run_id)
-        stream = subjects.stream(kind)
-        async for item in self.read_log(stream, subjects.stream_subjects(kind)[0], record_type):
-            yield item
-
     async def read_log(
         self,
         stream: str,
@@ -532,10 +491,6 @@ class LocalBus:
         if stream is None or seq is None or seq not in stream.messages:
             return None
         return decode(stream.messages[seq].data, PromptTask, subject=subject)
-
-    async def last_record(self, run_id: str, kind: StreamKind, record_type: Any) -> Any | None:
-        last = await self.last_entry(run_id, kind, record_type)
-        return None if last is None else last[1]
 
     async def last_entry(
         self, run_id: str, kind: StreamKind, record_type: Any
@@ -578,17 +533,3 @@ class LocalBus:
             f"run {spec.run_id!r} already has a different spec (hash {existing.spec_hash()} vs "
             f"{spec.spec_hash()}); choose a new run id or replace it explicitly"
         )
-
-    async def get_run_spec(self, run_id: str) -> RunSpec | None:
-        return await self.get_record(run_id, RunSpec)
-
-    async def wait_for_record(
-        self, key: str, record_type: Any, *, timeout: float | None = None, poll: float = 0.5
-    ) -> Any:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while (record := await self.get_record(key, record_type)) is None:
-            if deadline is not None and loop.time() > deadline:
-                raise BusError(f"nothing was written at KV key {key!r} within {timeout}s")
-            await asyncio.sleep(poll)
-        return record

@@ -253,3 +253,25 @@ def decode(buf: Buffer, location: FeatureLocation) -> dict[str, torch.Tensor]:
             flat = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start)
             out[spec.name] = flat.view(shape)
     return out
+
+
+def writable_view(buffer: object, nbytes: int) -> memoryview:
+    """The first ``nbytes`` of a caller's buffer as a flat byte view; ValueError if unusable."""
+    try:
+        view = memoryview(buffer)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            f"buffer must be a writable bytes-like object, not {type(buffer).__name__}"
+        ) from None
+    if view.readonly:
+        raise ValueError(f"buffer ({type(buffer).__name__}) is read-only")
+    if not view.c_contiguous:
+        raise ValueError("buffer must be C-contiguous")
+    if view.format != "B" or view.ndim != 1:
+        try:
+            view = view.cast("B")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"buffer cannot be viewed as bytes: {exc}") from None
+    if view.nbytes < nbytes:
+        raise ValueError(f"buffer holds {view.nbytes} bytes but the sample needs {nbytes}")
+    return view[:nbytes]

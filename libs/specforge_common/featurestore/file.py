@@ -77,28 +77,6 @@ def _hash_worker() -> ThreadPoolExecutor:
     return worker
 
 
-def _writable_view(buffer: object, nbytes: int) -> memoryview:
-    """The first ``nbytes`` of a caller's buffer as a flat byte view; ValueError if unusable."""
-    try:
-        view = memoryview(buffer)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(
-            f"buffer must be a writable bytes-like object, not {type(buffer).__name__}"
-        ) from None
-    if view.readonly:
-        raise ValueError(f"buffer ({type(buffer).__name__}) is read-only")
-    if not view.c_contiguous:
-        raise ValueError("buffer must be C-contiguous")
-    if view.format != "B" or view.ndim != 1:
-        try:
-            view = view.cast("B")
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"buffer cannot be viewed as bytes: {exc}") from None
-    if view.nbytes < nbytes:
-        raise ValueError(f"buffer holds {view.nbytes} bytes but the sample needs {nbytes}")
-    return view[:nbytes]
-
-
 def _read_single(file: _Readable, view: memoryview, uri: str) -> xxhash.xxh3_128:
     """Read ``view`` full from ``file``, hashing each piece right after it lands."""
     hasher = codec.new_hasher()
@@ -360,7 +338,7 @@ class FileFeatureStore:
         file. A bytearray cannot be resized while the returned tensors are alive.
         """
         self._check_open()
-        view = _writable_view(buffer, location.nbytes)
+        view = codec.writable_view(buffer, location.nbytes)
         return self._read(location, view)
 
     def _read(

@@ -437,27 +437,10 @@ def _write(plan: _Plan, view: memoryview) -> None:
 
 
 def _writable_view(buffer: object, nbytes: int) -> memoryview:
-    """The first ``nbytes`` of a caller's buffer as flat bytes; ValueError if unusable."""
+    """The first ``nbytes`` of a caller's buffer (or pooled buffer) as flat bytes."""
     if isinstance(buffer, PooledBuffer):
         buffer = buffer.view
-    try:
-        view = memoryview(buffer)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(
-            f"buffer must be a writable bytes-like object, not {type(buffer).__name__}"
-        ) from None
-    if view.readonly:
-        raise ValueError(f"buffer ({type(buffer).__name__}) is read-only")
-    if not view.c_contiguous:
-        raise ValueError("buffer must be C-contiguous")
-    if view.format != "B" or view.ndim != 1:
-        try:
-            view = view.cast("B")
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"buffer cannot be viewed as bytes: {exc}") from None
-    if view.nbytes < nbytes:
-        raise ValueError(f"buffer holds {view.nbytes} bytes but the sample needs {nbytes}")
-    return view[:nbytes]
+    return codec.writable_view(buffer, nbytes)
 
 
 class MooncakeFeatureStore:

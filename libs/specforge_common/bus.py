@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import functools
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -97,6 +97,19 @@ class Published:
     stream: str
     seq: int
     duplicate: bool  # the server already had this Nats-Msg-Id within the duplicate window
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A log message that is not a valid record (a foreign or broken producer wrote it)."""
+
+    seq: int
+    subject: str
+    data: bytes
+    error: ContractError
+
+
+OnUndecodable = Callable[[Undecodable], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -261,16 +274,19 @@ class BusReads:
         *,
         follow: bool = False,
         idle_timeout: float = 5.0,
+        undecodable: OnUndecodable | None = None,
     ) -> AsyncIterator[tuple[int, SampleRef | EndOfSplit]]:
         """``(stream sequence, record)`` of a split's samples log in order, from ``start_seq``.
 
         Without ``follow`` it stops at the last message present when called; with ``follow`` it
-        keeps waiting for new ones. Nothing is acked or consumed: replay leaves no trace.
+        keeps waiting for new ones. Nothing is acked or consumed: replay leaves no trace. A
+        message that does not decode raises ``ContractError``, or is handed to ``undecodable``
+        and skipped (a reader that must not stop on one bad record).
         """
         subjects = RunSubjects(run_id)
         async for item in self.read_log(
             subjects.stream("samples"), subjects.samples(split), SampleRef | EndOfSplit,
-            start_seq, follow=follow, idle_timeout=idle_timeout,
+            start_seq, follow=follow, idle_timeout=idle_timeout, undecodable=undecodable,
         ):  # fmt: skip
             yield item
 
@@ -550,6 +566,7 @@ class Bus(BusReads):
         *,
         follow: bool = False,
         idle_timeout: float = 5.0,
+        undecodable: OnUndecodable | None = None,
     ) -> AsyncIterator[tuple[int, Any]]:
         """Ordered read of ``subject`` in ``stream`` from ``start_seq`` (an ordered consumer)."""
         last = None
@@ -576,7 +593,11 @@ class Bus(BusReads):
                         continue
                     raise BusError(f"reading {subject} stalled before sequence {last}") from None
                 seq = stream_sequence(msg)
-                yield seq, decode(msg.data, record_type, subject=msg.subject)
+                record = await decode_or_report(
+                    seq, msg.subject, msg.data, record_type, undecodable
+                )
+                if record is not None:
+                    yield seq, record
                 if last is not None and seq >= last:
                     return
         finally:
@@ -693,6 +714,20 @@ class Bus(BusReads):
             )
         await kv.put(spec.run_id, data)
         return spec
+
+
+async def decode_or_report(
+    seq: int, subject: str, data: bytes, record_type: Any, undecodable: OnUndecodable | None
+) -> Any | None:
+    """The record, or None after handing an undecodable message to ``undecodable`` (which,
+    when not given, means the ``ContractError`` propagates)."""
+    try:
+        return decode(data, record_type, subject=subject)
+    except ContractError as exc:
+        if undecodable is None:
+            raise
+        await undecodable(Undecodable(seq, subject, bytes(data), exc))
+        return None
 
 
 async def _log_error(exc: Exception) -> None:

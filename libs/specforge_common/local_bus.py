@@ -35,10 +35,12 @@ from .bus import (
     BusReads,
     ConsumerLag,
     ConsumerReads,
+    OnUndecodable,
     Published,
     R,
     RunSpecConflict,
     StreamState,
+    decode_or_report,
     given_up_reason,
 )
 from .contracts import (
@@ -465,6 +467,7 @@ class LocalBus(BusReads):
         *,
         follow: bool = False,
         idle_timeout: float = 5.0,
+        undecodable: OnUndecodable | None = None,
     ) -> AsyncIterator[tuple[int, Any]]:
         try:
             log_stream = self._streams[stream]
@@ -481,7 +484,11 @@ class LocalBus(BusReads):
             message = log_stream.messages.get(seq)
             seq += 1
             if message is not None and _matches(subject, message.subject):
-                yield message.seq, decode(message.data, record_type, subject=message.subject)
+                record = await decode_or_report(
+                    message.seq, message.subject, message.data, record_type, undecodable
+                )
+                if record is not None:
+                    yield message.seq, record
 
     async def prompt_task(self, run_id: str, prompt_id: str) -> PromptTask | None:
         subjects = RunSubjects(run_id)

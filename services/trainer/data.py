@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from specforge_common.batch import FEATURE_KEYS, SampleError, TrainBatch, check_sample, collate
-from specforge_common.bus import Bus
+from specforge_common.bus import Bus, Undecodable
 from specforge_common.contracts import DeadLetter, EndOfSplit, SampleRef, Split, encode
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
 from specforge_common.featurestore.errors import FeatureCorruptError, FeatureMissingError
@@ -263,6 +263,18 @@ class SampleStream:
         )  # fmt: skip
         await self.bus.publish(self.subjects.dlq, letter, msg_id=f"dlq:{subject}:{item.seq}")
 
+    async def _undecodable(self, item: Undecodable) -> None:
+        """A samples-log message that is no record (a broken or foreign producer): dead-letter
+        it and read on. Every rank skips it alike, so the shard positions stay aligned."""
+        self.stats.dead_lettered += 1
+        self.log.error("undecodable samples-log message, dead-lettered and skipped",
+                       seq=item.seq, reason=str(item.error))  # fmt: skip
+        letter = DeadLetter(
+            subject=item.subject, reason=f"ContractError: {item.error}", payload=item.data,
+            service=self.service, run_id=self.run_id, stream_sequence=item.seq,
+        )  # fmt: skip
+        await self.bus.publish(self.subjects.dlq, letter, msg_id=f"dlq:{item.subject}:{item.seq}")
+
     # --- producer side ---------------------------------------------------------------------
 
     def _fetch(self, ref: SampleRef) -> dict[str, torch.Tensor]:
@@ -357,7 +369,8 @@ class SampleStream:
 
         position = 0  # of the next SampleRef in the split (sharded streams only)
         ended = False
-        replay = self.bus.replay(self.run_id, self.split, 1 if sharded else start, follow=True)
+        replay = self.bus.replay(self.run_id, self.split, 1 if sharded else start, follow=True,
+                                 undecodable=self._undecodable)  # fmt: skip
         async with contextlib.aclosing(replay) as records:
             async for seq, record in records:
                 if record.run_spec_hash != self.spec_hash:

@@ -523,3 +523,27 @@ async def test_a_message_never_settled_is_given_up_then_dead_lettered_once(
     assert "never settled" in letter.reason and decode(letter.payload, PromptTask).prompt_id == "p0"
     await advisories.aclose()
     await consumer.close()
+
+
+async def test_replay_hands_undecodable_messages_to_the_caller_or_raises(
+    bus: Bus, run_id: str
+) -> None:
+    from specforge_common.contracts import ContractError
+
+    subjects = await bus.ensure_streams(run_id)
+    await bus.publish(subjects.samples("train"), sample(run_id, 0), "s0")
+    await publish_raw(bus, subjects.samples("train"), b"\xc1 broken")
+    await bus.publish(subjects.samples("train"), sample(run_id, 1), "s1")
+    bad = []
+
+    async def report(item) -> None:
+        bad.append(item)
+
+    got = [(seq, r.sample_id) async for seq, r in bus.replay(run_id, "train", undecodable=report)]
+    assert got == [(1, "s0"), (3, "s1")]
+    assert [(b.seq, b.subject, b.data) for b in bad] == [
+        (2, subjects.samples("train"), b"\xc1 broken")
+    ]
+    assert isinstance(bad[0].error, ContractError)
+    with pytest.raises(ContractError):
+        _ = [x async for x in bus.replay(run_id, "train")]

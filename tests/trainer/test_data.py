@@ -140,6 +140,23 @@ async def test_a_sample_ref_of_another_spec_is_skipped(
     assert stream.stats.skipped_foreign == 1 and stream.stats.dead_lettered == 0
 
 
+async def test_an_undecodable_samples_log_message_is_dead_lettered_and_skipped(
+    bus: Bus, run_id: str, target: Path, tmp_path: Path
+) -> None:
+    """A broken producer's bytes in the samples log must not stop the trainer."""
+    spec = tiny_run_spec(run_id, target, tmp_path)
+    subjects = await bus.ensure_streams(run_id)
+    await bus.js.publish(subjects.samples("train"), b"\xc1 not a record")
+    refs = await seed_captured_run(bus, spec, n_train=3, n_eval=1)
+    stream = open_stream(bus, spec)
+    got = await collect(stream)
+    assert [s.ref.sample_id for s in got] == [r.sample_id for r in refs["train"]]
+    assert stream.stats.dead_lettered == 1
+    (letter,) = [r for _, r in await stream_records(bus, run_id, "dlq", DeadLetter)]
+    assert letter.payload == b"\xc1 not a record" and letter.stream_sequence == 1
+    assert "ContractError" in letter.reason and letter.subject == subjects.samples("train")
+
+
 async def test_a_sample_whose_features_are_gone_is_dead_lettered_and_skipped(
     bus: Bus, run_id: str, target: Path, tmp_path: Path
 ) -> None:

@@ -449,11 +449,20 @@ class LocalBus(BusReads):
             state = self._consumers[(stream.name, durable)]
         except KeyError:
             raise BusError(f"consumer {durable} not found on {stream.name}") from None
-        wanted = [m for m in stream.messages.values() if state.wanted(m)]
-        in_flight = sum(1 for m in wanted if (p := state.state.get(m.seq)) and p.in_flight)
-        delivered = sum(1 for m in wanted if (p := state.state.get(m.seq)) and p.deliveries)
+        # As JetStream counts: delivered and unsettled is ack-pending, in flight or waiting out
+        # a nak delay; a message given up after max_deliver is neither pending nor ack-pending.
+        pending = ack_pending = 0
+        for message in stream.messages.values():
+            if not state.wanted(message):
+                continue
+            delivery = state.state.get(message.seq)
+            if delivery is None or not delivery.deliveries:
+                pending += 1
+            elif not (delivery.given_up or (delivery.deliveries >= state.max_deliver
+                                            and not delivery.in_flight)):  # fmt: skip
+                ack_pending += 1
         return ConsumerLag(
-            num_pending=len(wanted) - delivered, num_ack_pending=in_flight,
+            num_pending=pending, num_ack_pending=ack_pending,
             num_redelivered=state.redelivered, ack_floor=state.ack_floor,
             ack_wait_s=state.ack_wait_s, max_deliver=state.max_deliver,
         )  # fmt: skip

@@ -547,3 +547,18 @@ async def test_replay_hands_undecodable_messages_to_the_caller_or_raises(
     assert isinstance(bad[0].error, ContractError)
     with pytest.raises(ContractError):
         _ = [x async for x in bus.replay(run_id, "train")]
+
+
+async def test_a_message_waiting_out_a_nak_delay_is_still_ack_pending(
+    bus: Bus, run_id: str
+) -> None:
+    """What end-of-data detection relies on: a prompt backing off after a failure is not done."""
+    subjects = await bus.ensure_streams(run_id)
+    await bus.publish(subjects.prompts, prompt(run_id, 0), "p0")
+    consumer = await bus.work_consumer(run_id, "prompts", "capture", PromptTask, service="t")
+    (delivery,) = await consumer.fetch(batch=1, timeout=5)
+    await delivery.nak(delay=30.0)
+    await bus.flush()
+    lag = await consumer.lag()
+    assert (lag.num_pending, lag.num_ack_pending) == (0, 1)
+    await consumer.close()

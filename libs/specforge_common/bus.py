@@ -523,6 +523,18 @@ class Bus(BusReads):
                                      nats.errors.BadSubscriptionError):  # fmt: skip
                 await sub.unsubscribe()
 
+    async def stored_sequences(self, run_id: str, kind: StreamKind, subject: str) -> list[int]:
+        """Sequences of the messages of ``subject`` stored now (a stored-message walk, which a
+        work-queue stream allows where a second consumer would be refused)."""
+        stream, seqs, seq = RunSubjects(run_id).stream(kind), [], 1
+        while True:
+            try:
+                msg = await self.js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return seqs
+            seqs.append(int(msg.seq or seq))
+            seq = seqs[-1] + 1
+
     async def dead_letter_given_up(
         self, run_id: str, kind: StreamKind, seq: int, deliveries: int, *, service: str
     ) -> bool:

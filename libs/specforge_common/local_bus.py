@@ -431,6 +431,10 @@ class LocalBus(BusReads):
         finally:
             state.advisories.remove(queue)
 
+    async def stored_sequences(self, run_id: str, kind: StreamKind, subject: str) -> list[int]:
+        stream = self._stream(run_id, kind)
+        return [m.seq for m in stream.messages.values() if _matches(subject, m.subject)]
+
     async def dead_letter_given_up(
         self, run_id: str, kind: StreamKind, seq: int, deliveries: int, *, service: str
     ) -> bool:

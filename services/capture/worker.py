@@ -319,6 +319,20 @@ class CaptureWorker:
         except Exception as exc:
             self.log.warning("not watching for given-up prompts", error=repr(exc))
 
+    async def _dead_letter_leftovers(self, max_deliver: int) -> None:
+        """With every prompt delivered and settled, a prompt still in the work queue was given
+        up after ``max_deliver`` deliveries while no worker heard the advisory (they had all
+        died on it): dead-letter it now, before the end of the split is announced."""
+        if not (await self.bus.stream_state(self.run_id, "prompts")).messages:
+            return
+        seqs = await self.bus.stored_sequences(self.run_id, "prompts", self.subjects.prompts)
+        for seq in seqs:
+            if await self.bus.dead_letter_given_up(self.run_id, "prompts", seq, max_deliver,
+                                                   service=SERVICE):  # fmt: skip
+                self.stats.dead_lettered += 1
+                self.log.error("prompt left in the queue after max_deliver: dead-lettered",
+                               seq=seq)  # fmt: skip
+
     async def _serve_recaptures(
         self, consumer: WorkConsumer[PromptTask], leaving: asyncio.Event
     ) -> None:
@@ -765,6 +779,7 @@ class CaptureWorker:
             lag = await self.bus.consumer_lag(self.run_id, "prompts", DURABLE)
             if lag.num_pending or lag.num_ack_pending:
                 return False
+            await self._dead_letter_leftovers(lag.max_deliver or self._max_deliver)
             for split in SPLITS:
                 marker = EndOfSplit(
                     run_id=self.run_id,

@@ -280,6 +280,36 @@ async def test_a_prompt_that_kills_every_worker_is_dead_lettered_and_leaves_the_
     await assert_queue_drained(bus, run_id)
 
 
+async def test_a_prompt_given_up_while_no_worker_listened_is_dead_lettered_at_the_end(
+    bus, run_id, target_dir, engine, tmp_path
+) -> None:
+    """The advisory came and went with no worker up (all had died on the prompt): the next
+    worker finds it left in the drained queue and dead-letters it before ending the split."""
+    spec = make_spec(run_id, target_dir, tmp_path)
+    tasks = token_tasks(spec, 3, seed=5)
+    await start_run(bus, spec, tasks, summary=True)
+    raw = await bus.work_consumer(run_id, "prompts", "capture", PromptTask, service="test",
+                                  ack_wait_s=0.5, max_deliver=1)  # fmt: skip
+    (poison,) = await raw.fetch(1, timeout=5)
+    await raw.close()
+
+    async def given_up() -> bool:  # delivered once, unsettled, never again: pending 0 / 0
+        if isinstance(bus, Bus):
+            lag = await bus.consumer_lag(run_id, "prompts", "capture")
+            return lag.num_ack_pending == 0
+        return True
+
+    await until(given_up)
+    stats = await asyncio.wait_for(new_worker(bus, spec, engine).run(), TIMEOUT)
+    letters = await dead_letters(bus, run_id)
+    assert list(letters) == [poison.record.prompt_id] and "never settled" in letters[
+        poison.record.prompt_id]  # fmt: skip
+    refs, ends = await samples_log(bus, run_id)
+    check_samples(spec, engine, [t for t in tasks if t.prompt_id != poison.record.prompt_id], refs)
+    assert stats.dead_lettered == 1 and len(ends) == 2
+    await assert_queue_drained(bus, run_id)
+
+
 async def _has_letter(bus, run_id: str, prompt_id: str) -> bool:
     return prompt_id in await dead_letters(bus, run_id)
 

@@ -562,3 +562,16 @@ async def test_a_message_waiting_out_a_nak_delay_is_still_ack_pending(
     lag = await consumer.lag()
     assert (lag.num_pending, lag.num_ack_pending) == (0, 1)
     await consumer.close()
+
+
+async def test_stored_sequences_walks_one_subject_of_a_work_queue(bus: Bus, run_id: str) -> None:
+    subjects = await bus.ensure_streams(run_id)
+    await bus.publish_many([(subjects.prompts, prompt(run_id, i), f"p{i}") for i in range(3)])
+    # the same stream, another subject:
+    await bus.publish(subjects.recapture_prompts, prompt(run_id, 9), "r9")
+    consumer = await bus.work_consumer(run_id, "prompts", "capture", PromptTask, service="t")
+    first, *_ = await consumer.fetch(batch=1, timeout=5)
+    await first.ack_sync()  # a work queue forgets it
+    assert await bus.stored_sequences(run_id, "prompts", subjects.prompts) == [2, 3]
+    assert await bus.stored_sequences(run_id, "prompts", subjects.recapture_prompts) == [4]
+    await consumer.close()

@@ -34,14 +34,11 @@ from pathlib import Path
 
 import torch
 
-from bench.pipeline import TARGET  # the same tiny target as the pipeline suite
+from bench.pipeline import TARGET, bench_spec  # the pipeline suite's tiny target and run
 from bench.report import BenchReport
 from specforge_common.bus import Bus, BusConfig
 from specforge_common.contracts import (
-    DraftSpec,
     RunSpec,
-    TargetSpec,
-    TrainSpec,
 )
 from specforge_common.log import configure_logging
 from specforge_common.nats_server import NatsServer
@@ -58,26 +55,6 @@ TIMEOUT_S = 120  # per training command
 # --no-resume; the best repetition of each counts (interference only slows a case down).
 REPS = 3
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _spec(run_id: str, target_dir: Path, work: Path, batch_size: int) -> RunSpec:
-    return RunSpec(
-        run_id=run_id,
-        target=TargetSpec(path=str(target_dir)),
-        draft=DraftSpec(draft_vocab_size=256),
-        train=TrainSpec(
-            learning_rate=3e-3,
-            ttt_length=3,
-            warmup_ratio=0.0,
-            batch_size=batch_size,
-            epochs=1,
-            checkpoint_every=100_000,  # only the step-0 and the final checkpoint
-            log_every=10,
-        ),
-        max_length=MAX_LEN,
-        store_uri=f"file://{work / 'features'}",
-        output_dir=str(work / "runs"),
-    )
 
 
 async def _seed(url: str, specs: list[RunSpec]) -> list[int]:
@@ -163,9 +140,15 @@ def run() -> BenchReport:
         with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp, NatsServer() as server:
             work = Path(tmp)
             target_dir = make_tiny_target(work / "target", arch="llama", seed=0, **TARGET)
-            spec_a = _spec("bench-dist-a", target_dir, work, BATCH)
-            spec_b = _spec("bench-dist-b", target_dir, work, BATCH // WORLD)
-            spec_c = _spec("bench-dist-c", target_dir, work, BATCH // WORLD)
+            spec_a = bench_spec(
+                "bench-dist-a", target_dir, work, batch_size=BATCH, max_length=MAX_LEN
+            )
+            spec_b = bench_spec(
+                "bench-dist-b", target_dir, work, batch_size=BATCH // WORLD, max_length=MAX_LEN
+            )
+            spec_c = bench_spec(
+                "bench-dist-c", target_dir, work, batch_size=BATCH // WORLD, max_length=MAX_LEN
+            )
             tokens = asyncio.run(_seed(server.url, [spec_a, spec_b, spec_c]))
             ones, twos, shards = [], [], []
             for _ in range(REPS):

@@ -82,7 +82,11 @@ TARGET = dict(
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _spec(run_id: str, target_dir: Path, work: Path) -> RunSpec:
+def bench_spec(
+    run_id: str, target_dir: Path, work: Path, *, batch_size: int = 4, max_length: int = 128
+) -> RunSpec:
+    """The tiny-target run the pipeline and distributed suites train: 1 epoch, checkpoints only
+    at step 0 and the end, a file:// store and outputs under ``work``."""
     return RunSpec(
         run_id=run_id,
         target=TargetSpec(path=str(target_dir)),
@@ -91,13 +95,13 @@ def _spec(run_id: str, target_dir: Path, work: Path) -> RunSpec:
             learning_rate=3e-3,
             ttt_length=3,
             warmup_ratio=0.0,
-            batch_size=4,
+            batch_size=batch_size,
             epochs=1,
             checkpoint_every=100_000,  # only the step-0 and the final checkpoint
             log_every=10,
         ),
         eval=EvalSpec(max_samples=8),
-        max_length=128,
+        max_length=max_length,
         store_uri=f"file://{work / 'features'}",
         output_dir=str(work / "runs"),
     )
@@ -281,7 +285,9 @@ async def _measure(url: str, target_dir: Path, work: Path) -> dict[str, list[dic
     try:
         engine = HFTargetEngine.from_pretrained(target_dir)
         for rep in range(REPS):
-            specs = {t: _spec(f"bench-pipe-{t}-{rep}", target_dir, work) for t in ("a2", "a1", "b")}
+            specs = {
+                t: bench_spec(f"bench-pipe-{t}-{rep}", target_dir, work) for t in ("a2", "a1", "b")
+            }
             for i, spec in enumerate(specs.values()):
                 tokens.append(await _publish_run(bus, spec, seed=10 * rep + i))
             for threads, tag in ((THREADS_ALONE, "a2"), (THREADS_COUPLED, "a1")):

@@ -23,6 +23,17 @@ from .log import get_logger
 log = get_logger(component="nats-server")
 
 
+def terminate(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM a server process we started and wait for it; SIGKILL if it will not go."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class NatsServerError(RuntimeError):
     pass
 
@@ -119,13 +130,7 @@ class NatsServer:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
         if proc is not None and proc.stderr:
             proc.stderr.close()
         if self._workdir is not None:

@@ -2,9 +2,10 @@
 
 The draft runs the same training-time-test unroll as training (``Eagle3Strategy``), without
 gradients, over right-padded batches of the stored sample tensors. ``Eagle3Metrics`` keeps raw
-sums, so the counts (correct, supervised positions, expected acceptance) do not depend on how
-the samples are batched. ``ploss_k`` and ``loss`` in ``summary()`` are normalised by all B*T
-positions, padding included (the training convention), so those two depend on the batch size.
+sums, so the counts (correct and supervised positions, expected acceptance and the positions it
+is averaged over) do not depend on how the samples are batched. ``ploss_k`` and ``loss`` in
+``summary()`` are normalised by all B*T positions, padding included (the training convention),
+so those two depend on the batch size.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ Near ``max_new_tokens`` a round drafts only ``remaining - 1`` tokens (nothing it
 drafted). Output stops at ``max_new_tokens`` or after the first stop token (kept), exactly as
 ``HFTargetEngine.generate`` cuts its rows; stop tokens default to ``engine.info.eos_token_ids``.
 
-Metric conventions (``shared/specs/eagle3.md``):
+Metric conventions (``docs/eagle3.md``, "Acceptance length: simulated vs serving"):
 
 * **serving acceptance length** = tokens emitted per verification step, the target's own token
   included (the bonus), counted after the stop/max cut. The first token, which the prefill

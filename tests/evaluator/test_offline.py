@@ -69,6 +69,7 @@ async def test_equals_one_direct_strategy_call_and_is_batch_size_invariant(seede
         got = evaluate_draft(draft, head, samples, ttt_length=K, batch_size=batch_size)
         assert torch.equal(got.correct, direct.correct), batch_size
         assert torch.equal(got.denom, direct.denom), batch_size
+        assert torch.equal(got.accept_denom, direct.accept_denom), batch_size
         torch.testing.assert_close(got.accept, direct.accept, rtol=1e-6, atol=1e-6)
         assert got.accuracies() == direct.accuracies()
         assert got.simulated_acceptance_length() == pytest.approx(

@@ -26,27 +26,30 @@ class Eagle3Metrics:
 
     ploss: torch.Tensor  # [K] sum over batches of ploss_k * (B*T)
     correct: torch.Tensor  # [K] correct draft argmax at loss-masked positions
-    denom: torch.Tensor  # [K] loss-masked positions
-    accept: torch.Tensor  # [K] sum of expected acceptance a_k at loss-masked positions
+    denom: torch.Tensor  # [K] loss-masked positions (the acc_k denominator)
+    accept: torch.Tensor  # [K] sum of expected acceptance a_k at position-masked positions
+    accept_denom: torch.Tensor  # [K] position-masked positions (the acceptance_rate_k denominator)
     positions: torch.Tensor  # scalar: B*T summed over batches (the ploss denominator)
     step_weight_decay: float = 0.8
 
     @classmethod
     def zeros(cls, ttt_length: int, step_weight_decay: float = 0.8) -> Eagle3Metrics:
         z = torch.zeros(ttt_length, dtype=torch.float64)
-        return cls(z, z.clone(), z.clone(), z.clone(), torch.zeros((), dtype=torch.float64),
-                   step_weight_decay)  # fmt: skip
+        return cls(z, z.clone(), z.clone(), z.clone(), z.clone(),
+                   torch.zeros((), dtype=torch.float64), step_weight_decay)  # fmt: skip
 
     def __add__(self, other: Eagle3Metrics) -> Eagle3Metrics:
         return Eagle3Metrics(
             self.ploss + other.ploss, self.correct + other.correct, self.denom + other.denom,
-            self.accept + other.accept, self.positions + other.positions,
-            self.step_weight_decay,
+            self.accept + other.accept, self.accept_denom + other.accept_denom,
+            self.positions + other.positions, self.step_weight_decay,
         )  # fmt: skip
 
     def tensors(self) -> list[torch.Tensor]:
-        """The sums, for an all-reduce across ranks."""
-        return [self.ploss, self.correct, self.denom, self.accept, self.positions]
+        """The sums, for an all-reduce across ranks, in field order: ``Eagle3Metrics(*tensors,
+        step_weight_decay=...)`` rebuilds the metrics from them."""
+        return [self.ploss, self.correct, self.denom, self.accept, self.accept_denom,
+                self.positions]  # fmt: skip
 
     def accuracies(self) -> list[float]:
         return (self.correct / self.denom.clamp(min=1)).tolist()
@@ -62,7 +65,10 @@ class Eagle3Metrics:
     def summary(self) -> dict[str, float]:
         K = self.ploss.numel()
         ploss = (self.ploss / self.positions.clamp(min=1)).tolist()
-        accept = (self.accept / self.denom.clamp(min=1)).tolist()
+        # acc_k is over the loss mask, acceptance_rate_k over the position mask (the reference's
+        # conventions): a target token outside the draft vocab is a miss for acc_k but is left
+        # out of acceptance_rate_k.
+        accept = (self.accept / self.accept_denom.clamp(min=1)).tolist()
         out: dict[str, float] = {}
         for k, (p, a, r) in enumerate(zip(ploss, self.accuracies(), accept, strict=True)):
             out[f"ploss_{k}"], out[f"acc_{k}"], out[f"acceptance_rate_{k}"] = p, a, r
@@ -129,7 +135,8 @@ class Eagle3Strategy:
                 metrics.ploss[k] = ploss.detach().double() * (B * T)
                 metrics.correct[k] = (hits * loss_mask).sum().double()
                 metrics.denom[k] = loss_mask.sum().double()
-                metrics.accept[k] = (accept * loss_mask).sum().double()
+                metrics.accept[k] = (accept * position_mask).sum().double()
+                metrics.accept_denom[k] = position_mask.sum().double()
             if k < K - 1:
                 ids, position_mask = shift_left(ids), shift_left(position_mask)
                 loss_mask = shift_left(loss_mask)

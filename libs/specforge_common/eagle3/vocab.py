@@ -3,7 +3,7 @@
 The draft's ``lm_head`` has ``V_d`` rows; row ``i`` is target token ``i + d2t[i]``, and
 ``t2d[j]`` says whether target token ``j`` has a row. The map is built from token frequencies on
 the supervised (loss-masked) positions of the training corpus, exactly as the reference does
-(``shared/specs/eagle3.md``, "Draft vocabulary"), so a draft trained here serves in SGLang with
+(``docs/eagle3.md``, "The draft vocabulary"), so a draft trained here serves in SGLang with
 the same ``d2t``/``t2d`` buffers.
 
 A map is part of a draft's identity: ``lm_head`` rows mean nothing under a different map. Every

@@ -1,7 +1,7 @@
 """The EAGLE-3 draft (``LlamaForCausalLMEagle3``): one Llama decoder layer fed by the target.
 
 Parameter names are exactly the SGLang layout, so ``state_dict()`` minus the frozen embedding
-*is* the exported checkpoint. See ``shared/specs/eagle3.md``.
+*is* the exported checkpoint. See ``docs/eagle3.md``, "The draft model".
 
 Shapes: ``H`` draft hidden, ``H_t`` target hidden, ``V`` target vocab, ``V_d`` draft vocab.
 

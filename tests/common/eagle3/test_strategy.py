@@ -147,7 +147,7 @@ def reference(draft: Eagle3Draft, head, batch: TrainBatch, K: int, decay: float 
                 mlp = proj("midlayer.mlp.down_proj.weight", gate * torch.sigmoid(gate) * up)
                 new_hidden[b, t] = h1 + mlp
         hidden = new_hidden
-        ploss, correct, denom, accept = 0.0, 0.0, 0.0, 0.0
+        ploss, correct, denom, accept, accept_denom = 0.0, 0.0, 0.0, 0.0, 0.0
         for b in range(B):
             for t in range(T):
                 logits = sd["lm_head.weight"] @ rms(hidden[b, t], sd["norm.weight"], eps)
@@ -157,12 +157,13 @@ def reference(draft: Eagle3Draft, head, batch: TrainBatch, K: int, decay: float 
                 draft_id = int(logits.argmax())
                 correct += lm_t * float(draft_id + int(sd["d2t"][draft_id]) == y_t)
                 denom += lm_t
-                accept += lm_t * float(torch.minimum(pod_t, log_q.exp()).sum())
+                accept += pm_t * float(torch.minimum(pod_t, log_q.exp()).sum())
+                accept_denom += pm_t
         results.append(
             {
                 "ploss": ploss / (B * T),
                 "acc": correct / max(denom, 1),
-                "accept": accept / max(denom, 1),
+                "accept": accept / max(accept_denom, 1),
             }  # fmt: skip
         )
     loss = sum(decay**k * r["ploss"] for k, r in enumerate(results))
@@ -184,6 +185,54 @@ def test_loss_accuracy_and_acceptance_match_the_loop_reference(attention: str) -
         assert summary[f"acc_{k}"] == pytest.approx(ref[k]["acc"], abs=1e-6)
         assert summary[f"acceptance_rate_{k}"] == pytest.approx(ref[k]["accept"], abs=1e-6)
     assert summary["loss"] == pytest.approx(ref_loss, abs=1e-6)
+
+
+def test_acceptance_rate_is_averaged_over_the_position_mask_not_the_loss_mask() -> None:
+    """``acceptance_rate_k = sum_t pm_k[t] * sum_v min(p_on_draft_k[t, v], q_k[t, v]) /
+    sum_t pm_k[t]`` with ``pm = t2d[argmax target] * loss_mask`` shifted left by k, computed here
+    from plain formulas; ``acc_k`` stays on the loss mask. Also pooled over two batches."""
+    from specforge_common.eagle3.teacher import shift_left
+
+    draft, head, batch, used = make_setup()
+    logits = shift_left(batch.hidden_states) @ head.T  # [B, T, V]: the target at t+1
+    target_ids = logits.argmax(-1)
+    position_mask = torch.isin(target_ids, used).double() * batch.loss_mask
+    on_draft = logits.softmax(-1)[..., used]  # target probability of each draft token
+    assert not torch.equal(position_mask, batch.loss_mask.double())  # the case under test
+
+    def rows(x: torch.Tensor, k: int) -> torch.Tensor:  # x[:, t + k], zero past the end
+        return torch.cat([x[:, k:], torch.zeros_like(x[:, :k])], dim=1)
+
+    expected, on_loss_mask, expected_acc = [], [], []
+    for k, draft_logits in enumerate(step_logits(draft, batch, K)):
+        q = draft_logits.softmax(-1)
+        overlap = torch.minimum(rows(on_draft, k), q).sum(-1)  # [B, T]
+        pm, lm = rows(position_mask, k), rows(batch.loss_mask.double(), k)
+        expected.append(float((overlap * pm).sum() / pm.sum()))
+        on_loss_mask.append(float((overlap * lm).sum() / lm.sum()))
+        drafted = used[draft_logits.argmax(-1)]  # draft id -> target id
+        expected_acc.append(float(((drafted == rows(target_ids, k)) * lm).sum() / lm.sum()))
+    # The old (loss-mask) average differs, so this test tells the two conventions apart.
+    assert max(abs(a - b) for a, b in zip(expected, on_loss_mask, strict=True)) > 1e-3
+
+    strategy = Eagle3Strategy(draft, head, ttt_length=K)
+    first = TrainBatch(*(getattr(batch, f)[:1] for f in batch.__dataclass_fields__))
+    second = TrainBatch(*(getattr(batch, f)[1:] for f in batch.__dataclass_fields__))
+    for metrics in (strategy(batch).metrics, strategy(first).metrics + strategy(second).metrics):
+        summary = metrics.summary()
+        for k in range(K):
+            assert summary[f"acceptance_rate_{k}"] == pytest.approx(expected[k], abs=1e-6)
+            assert summary[f"acc_{k}"] == pytest.approx(expected_acc[k], abs=1e-6)
+        assert summary["acceptance_rate"] == pytest.approx(sum(expected) / K, abs=1e-6)
+
+
+def test_metrics_rebuild_from_their_tensors_in_field_order() -> None:
+    """What ``all_reduce_metrics`` relies on: ``Eagle3Metrics(*m.tensors(), ...)`` is ``m``."""
+    draft, head, batch, _ = make_setup()
+    m = Eagle3Strategy(draft, head, ttt_length=K)(batch).metrics
+    rebuilt = Eagle3Metrics(*m.tensors(), step_weight_decay=m.step_weight_decay)
+    assert rebuilt.summary() == m.summary()
+    assert not torch.equal(m.accept_denom, m.denom)
 
 
 def test_teacher_has_targets_inside_and_outside_the_draft_vocab() -> None:

@@ -6,21 +6,20 @@ sample of 64 MiB of bf16 hidden states ([1, 8192, 4096], the featurestore suite'
 Repetitions of every case are interleaved so drift hits all alike; medians.
 
 - ``mooncake_put``: encode into a registered pooled buffer + xxh3 + ``put_from`` (a fresh id
-  each time); ``mooncake_get``: into a fresh buffer the caller owns; ``mooncake_get_pooled``: into
-  a warm pooled buffer (the trainer's fetch); ``raw_put_from`` / ``raw_get_into``: the client
-  moving the same bytes between registered buffers with no encode or checksum (the transport's
-  ceiling); ``file_put`` (fsync'd) / ``file_get_into`` (reused buffer); ``memcpy``: one copy of
-  the bytes into a reused buffer, the floor of any in-memory move.
-- Fetch latency of a trainer loop (``get_pooled`` + release, one sample in flight) per 64 MiB
-  and 4 MiB sample; and 8 x 4 MiB samples in flight (8 buffers), fetched one by one with
-  ``get_into`` vs in one batched ``get_many_into``, per sample.
+  each time); ``mooncake_get``: into a fresh buffer the caller owns (the trainer's fetch);
+  ``mooncake_get_into``: into a reused buffer, registered per call; ``raw_put_from`` /
+  ``raw_get_into``: the client moving the same bytes between registered buffers with no encode
+  or checksum (the transport's ceiling); ``file_put`` (fsync'd) / ``file_get_into`` (reused
+  buffer); ``memcpy``: one copy of the bytes into a reused buffer, the floor of any in-memory move.
+- Fetch latency of a trainer loop (``get``, one sample in flight) per 64 MiB and 4 MiB sample;
+  and 8 x 4 MiB samples in flight (8 buffers), fetched one by one with ``get_into`` vs in one
+  batched ``get_many_into``, per sample.
 - One object per sample vs one per tensor (the capture's four tensors), raw client: the
   measurement behind the backend's layout.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import statistics
 import tempfile
@@ -54,10 +53,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _address(buffer: object) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))  # type: ignore[arg-type]
-
-
 def _throughput(report: BenchReport, store: MooncakeFeatureStore, tmp: str) -> None:
     hidden = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     tensors = {"hidden_states": hidden}
@@ -70,8 +65,9 @@ def _throughput(report: BenchReport, store: MooncakeFeatureStore, tmp: str) -> N
     disk_buffer = alloc_buffer(nbytes)
     copy_source, copy_target = alloc_buffer(nbytes), alloc_buffer(nbytes)
     copy_source[:] = memoryview(disk_buffer)  # any bytes: only the copy is timed
+    mooncake_buffer = alloc_buffer(nbytes)
     raw = store._client
-    src, dst = store.acquire_buffer(nbytes), store.acquire_buffer(nbytes)
+    src, dst = store.pool.acquire(nbytes), store.pool.acquire(nbytes)
     src.view[:nbytes] = copy_source
     puts = iter(range(1, 10_000))
 
@@ -83,13 +79,10 @@ def _throughput(report: BenchReport, store: MooncakeFeatureStore, tmp: str) -> N
         assert raw.put_from(key, src.address, nbytes) == 0
         raw.remove(key, True)
 
-    def get_pooled() -> None:
-        store.get_pooled(location).release()
-
     assert raw.put_from("raw-get", src.address, nbytes) == 0
     cases: dict[str, Callable[[], object]] = {
         "mooncake_get": lambda: store.get(location),
-        "mooncake_get_pooled": get_pooled,
+        "mooncake_get_into": lambda: store.get_into(location, mooncake_buffer),
         "raw_get_into": lambda: raw.get_into("raw-get", dst.address, nbytes),
         "file_get_into": lambda: disk.get_into(disk_location, disk_buffer),
         "memcpy": lambda: copy_target.__setitem__(slice(None), copy_source),
@@ -111,17 +104,17 @@ def _throughput(report: BenchReport, store: MooncakeFeatureStore, tmp: str) -> N
     dst.release()
 
     rate = {name: gb / statistics.median(ts) for name, ts in times.items()}
-    for name in ("mooncake_put", "mooncake_get", "mooncake_get_pooled", "raw_put_from",
+    for name in ("mooncake_put", "mooncake_get", "mooncake_get_into", "raw_put_from",
                  "raw_get_into", "file_put", "file_get_into", "memcpy"):  # fmt: skip
         report.add(name, rate[name], "GB/s")
     report.add("sample_size", nbytes / 2**20, "MiB")
-    report.ratios["mooncake_get_pooled_vs_memcpy"] = rate["mooncake_get_pooled"] / rate["memcpy"]
-    report.ratios["mooncake_get_pooled_vs_file_get_into"] = (
-        rate["mooncake_get_pooled"] / rate["file_get_into"]
+    report.ratios["mooncake_get_into_vs_memcpy"] = rate["mooncake_get_into"] / rate["memcpy"]
+    report.ratios["mooncake_get_into_vs_file_get_into"] = (
+        rate["mooncake_get_into"] / rate["file_get_into"]
     )
     report.ratios["mooncake_put_vs_file_put"] = rate["mooncake_put"] / rate["file_put"]
-    report.ratios["mooncake_get_pooled_vs_raw_get_into"] = (
-        rate["mooncake_get_pooled"] / rate["raw_get_into"]
+    report.ratios["mooncake_get_into_vs_raw_get_into"] = (
+        rate["mooncake_get_into"] / rate["raw_get_into"]
     )
     report.ratios["mooncake_put_vs_raw_put_from"] = rate["mooncake_put"] / rate["raw_put_from"]
     store.delete(location)
@@ -131,17 +124,16 @@ def _latency(report: BenchReport, store: MooncakeFeatureStore) -> None:
     for label, shape in (("64MiB", SHAPE), ("4MiB", SMALL)):
         tensors = {"hidden_states": torch.randn(shape).to(torch.bfloat16)}
         locations = [store.put(f"lat-{label}-{i}", tensors) for i in range(BATCH)]
-        store.get_pooled(locations[0]).release()
+        store.get(locations[0])
         samples = []
         for i in range(FETCHES):
             start = time.perf_counter()
-            fetched = store.get_pooled(locations[i % BATCH])
+            store.get(locations[i % BATCH])
             samples.append(time.perf_counter() - start)
-            fetched.release()
         report.add(f"fetch_{label}_p50", statistics.median(samples) * 1e3, "ms")
         report.add(f"fetch_{label}_p95", _percentile(samples, 0.95) * 1e3, "ms")
-        if label == "4MiB":  # 8 samples in flight, each in its own pooled buffer
-            buffers = [store.acquire_buffer(loc.nbytes) for loc in locations]
+        if label == "4MiB":  # 8 samples in flight, each in its own reused buffer
+            buffers = [alloc_buffer(loc.nbytes) for loc in locations]
             one_by_one: list[float] = []
             batched: list[float] = []
             for _ in range(FETCHES // 3):
@@ -154,8 +146,6 @@ def _latency(report: BenchReport, store: MooncakeFeatureStore) -> None:
                 batched.append((time.perf_counter() - start) / BATCH)
                 assert all(isinstance(r, dict) for r in results)
                 del results
-            for buffer in buffers:
-                buffer.release()
             seq, bat = statistics.median(one_by_one), statistics.median(batched)
             report.add(f"fetch_{label}_x{BATCH}_one_by_one_per_sample", seq * 1e3, "ms")
             report.add(f"fetch_{label}_x{BATCH}_batched_per_sample", bat * 1e3, "ms")
@@ -171,7 +161,7 @@ def _layout(report: BenchReport, store: MooncakeFeatureStore) -> None:
         sizes = [tokens * 8, tokens * 8, tokens * 3 * hidden * 2, tokens * hidden * 2]
         total = sum(sizes)
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        src, dst = store.acquire_buffer(total), store.acquire_buffer(total)
+        src, dst = store.pool.acquire(total), store.pool.acquire(total)
         src.view[:total] = os.urandom(total)
         per_sample: list[float] = []
         per_tensor: list[float] = []
@@ -224,8 +214,9 @@ def run() -> BenchReport:
         f"process and a separate holder process; {os.cpu_count()} CPUs shared by both"
     )
     report.notes.append(
-        "mooncake_get allocates and faults in a fresh buffer per call (the caller owns it); "
-        "mooncake_get_pooled reuses a registered buffer, as the trainer's fetch does; both verify "
-        "size + xxh3_128 + specs; puts include encode + checksum and a delete (metadata only)"
+        "mooncake_get allocates and faults in a fresh buffer per call (the caller owns it), as "
+        "the trainer's fetch does; mooncake_get_into reuses one buffer and registers it per call; "
+        "both verify size + xxh3_128 + specs; puts include encode + checksum and a delete "
+        "(metadata only)"
     )
     return report

@@ -1,7 +1,8 @@
 """Feature stores: where captured tensors live, so only a FeatureLocation travels on the bus.
 
 ``open_store(uri)`` picks the backend by scheme: ``file://DIR`` (one safetensors file per sample,
-shared directory) or ``mem://[name]`` (in-process, colocated mode). Every backend stores the same
+shared directory), ``mem://[name]`` (in-process, colocated mode) or ``mooncake://HOST:PORT`` (a
+Mooncake distributed store, for nodes that share no filesystem). Every backend stores the same
 bytes with the same size and ``xxh3_128`` checksum, and ``get`` verifies both and the tensor
 specs, so a location is portable between stores of one kind and switching kinds changes nothing
 upstream.
@@ -61,8 +62,8 @@ class FeatureStore(Protocol):
 
 StoreFactory = Callable[[str], FeatureStore]
 
-# Scheme -> factory taking the whole URI. Backends that need optional packages (mooncake://)
-# register themselves here when imported.
+# Scheme -> factory taking the whole URI. The mooncake:// module (and the optional wheel it loads)
+# is imported only when such a URI is opened.
 _SCHEMES: dict[str, StoreFactory] = {
     "file": FileFeatureStore.from_uri,
     "mem": MemoryFeatureStore.from_uri,
@@ -71,12 +72,13 @@ _SCHEMES: dict[str, StoreFactory] = {
 
 
 def register_scheme(scheme: str, factory: StoreFactory) -> None:
-    """Make ``open_store`` accept ``scheme://...`` URIs (e.g. ``mooncake``)."""
+    """Make ``open_store`` accept ``scheme://...`` URIs (a backend outside this package)."""
     _SCHEMES[scheme] = factory
 
 
 def open_store(uri: str) -> FeatureStore:
-    """Open the store a RunSpec's ``store_uri`` names: file:///abs, file://./rel, mem://[name]."""
+    """Open the store a RunSpec's ``store_uri`` names: file:///abs, file://./rel, mem://[name],
+    mooncake://HOST:PORT[?options]."""
     scheme, sep, _ = uri.partition("://")
     factory = _SCHEMES.get(scheme) if sep else None
     if factory is None:

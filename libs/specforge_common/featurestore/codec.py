@@ -103,14 +103,53 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def encode(tensors: Mapping[str, torch.Tensor]) -> tuple[Buffer, tuple[TensorSpec, ...]]:
-    """Serialize into one fresh buffer (standard safetensors) and describe each tensor.
+class Layout:
+    """Where each tensor of a sample goes in its stored bytes, fixed before any byte is written.
 
-    Copying with ``copy_`` into views of the buffer makes the stored value private to the store
-    and handles non-contiguous and non-CPU tensors in the same single copy.
+    Planning first lets a store size (and register) the destination, then encode straight into
+    it with one copy per tensor; ``encode`` is plan + ``write_into`` a fresh buffer, so every
+    store writes the same bytes.
     """
+
+    __slots__ = ("specs", "nbytes", "_header", "_placed")
+
+    def __init__(
+        self,
+        specs: tuple[TensorSpec, ...],
+        header: bytes,
+        placed: tuple[tuple[torch.Tensor, int], ...],
+        data_bytes: int,
+    ) -> None:
+        self.specs = specs  # in the caller's order: what the location lists
+        self.nbytes = 8 + len(header) + data_bytes
+        self._header = header
+        self._placed = placed  # (tensor, offset after the header)
+
+    def write_into(self, buffer: object) -> memoryview:
+        """Encode into the first ``nbytes`` of ``buffer``; returns that part as a byte view.
+
+        Copying with ``copy_`` into views of the buffer makes the stored value independent of
+        the caller's tensors and handles non-contiguous and non-CPU tensors in the same single
+        copy. ValueError for a buffer that is read-only, not contiguous or too short.
+        """
+        view = writable_view(buffer, self.nbytes)
+        base = 8 + len(self._header)
+        view[0:8] = len(self._header).to_bytes(8, "little")
+        view[8:base] = self._header
+        for tensor, start in self._placed:
+            if tensor.numel():
+                target = torch.frombuffer(
+                    view, dtype=tensor.dtype, count=tensor.numel(), offset=base + start
+                )
+                target.view(tensor.shape).copy_(tensor.detach())
+        return view
+
+
+def plan(tensors: Mapping[str, torch.Tensor]) -> Layout:
+    """The layout of ``tensors`` in standard safetensors; ValueError / TypeError for a name,
+    value or dtype this format cannot store."""
     specs: list[TensorSpec] = []
-    entries: list[tuple[str, torch.Tensor, torch.dtype, int]] = []
+    entries: list[tuple[str, torch.Tensor, str, int]] = []
     for name, tensor in tensors.items():
         if not isinstance(name, str) or not name or name == "__metadata__":
             raise ValueError(f"tensor name {name!r} must be a non-empty string, not __metadata__")
@@ -122,17 +161,17 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> tuple[Buffer, tuple[TensorSpe
                 f"tensor {name!r} has dtype {tensor.dtype}; supported: {', '.join(_DTYPES)}"
             )
         specs.append(TensorSpec(name, dtype_name, tuple(tensor.shape)))
-        entries.append((name, tensor, tensor.dtype, _itemsize(tensor.dtype)))
+        entries.append((name, tensor, _DTYPES[dtype_name][0], _itemsize(tensor.dtype)))
 
     # Widest elements first: with the header padded to 8 bytes every tensor starts aligned.
     entries.sort(key=lambda e: (-e[3], e[0]))
     header: dict[str, dict[str, object]] = {}
     placed: list[tuple[torch.Tensor, int]] = []
     offset = 0
-    for name, tensor, dtype, itemsize in entries:
+    for name, tensor, st_dtype, itemsize in entries:
         size = tensor.numel() * itemsize
         header[name] = {
-            "dtype": _DTYPES[_BY_TORCH[dtype]][0],
+            "dtype": st_dtype,
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + size],
         }
@@ -140,18 +179,15 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> tuple[Buffer, tuple[TensorSpe
         offset += size
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
-    base = 8 + len(header_bytes)
+    return Layout(tuple(specs), header_bytes, tuple(placed), offset)
 
-    buf = alloc_buffer(base + offset)
-    buf[0:8] = len(header_bytes).to_bytes(8, "little")
-    buf[8:base] = header_bytes
-    for tensor, start in placed:
-        if tensor.numel():
-            view = torch.frombuffer(
-                buf, dtype=tensor.dtype, count=tensor.numel(), offset=base + start
-            )
-            view.view(tensor.shape).copy_(tensor.detach())
-    return buf, tuple(specs)
+
+def encode(tensors: Mapping[str, torch.Tensor]) -> tuple[Buffer, tuple[TensorSpec, ...]]:
+    """Serialize into one fresh buffer and describe each tensor."""
+    layout = plan(tensors)
+    buf = alloc_buffer(layout.nbytes)
+    layout.write_into(buf)
+    return buf, layout.specs
 
 
 def describe(buf: Buffer, uri: str) -> FeatureLocation:

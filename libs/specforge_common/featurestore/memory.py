@@ -121,8 +121,7 @@ class MemoryFeatureStore:
                 f"{location.uri}: {len(stored)} bytes stored but the location says "
                 f"{location.nbytes} (the sample was replaced after a delete)"
             )
-        # Stored buffers are never written after put, so the
-        # copy needs no lock.
+        # Stored buffers are never written after put, so the copy needs no lock.
         buf = codec.alloc_buffer(len(stored))
         with memoryview(buf) as view:
             view[:] = stored

@@ -59,6 +59,40 @@ def test_encoded_bytes_are_standard_safetensors() -> None:
         assert header[name]["data_offsets"][0] % tensor.element_size() == 0
 
 
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
+          torch.int16, torch.int8, torch.uint8, torch.bool]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {f"t{i}": torch.arange(15).reshape(3, 5).to(d) for i, d in enumerate(DTYPES)},
+        {"scalar": torch.tensor(2.5), "empty": torch.zeros(4, 0, dtype=torch.int32)},
+        {"strided": torch.arange(24.0).reshape(4, 6).t(), "z": torch.arange(3, dtype=torch.int8)},
+    ],
+    ids=["every-dtype", "scalar-and-empty", "non-contiguous"],
+)
+def test_a_planned_layout_writes_the_encoded_bytes_into_a_callers_buffer(
+    tensors: dict[str, torch.Tensor],
+) -> None:
+    layout = codec.plan(tensors)
+    target = bytearray(b"\xee" * (layout.nbytes + 100))
+    written = layout.write_into(target)
+    expected, specs = codec.encode(tensors)
+    assert len(written) == layout.nbytes == len(expected) and layout.specs == specs
+    assert bytes(target[: layout.nbytes]) == bytes(expected)
+    assert target[layout.nbytes :] == b"\xee" * 100  # nothing past the sample is touched
+    assert codec.checksum(written) == codec.checksum(expected)
+
+
+def test_write_into_refuses_an_unusable_buffer() -> None:
+    layout = codec.plan(_sample())
+    with pytest.raises(ValueError, match="needs"):
+        layout.write_into(bytearray(layout.nbytes - 1))
+    with pytest.raises(ValueError, match="read-only"):
+        layout.write_into(bytes(layout.nbytes))
+
+
 def test_library_written_bytes_decode() -> None:
     tensors = _sample()
     data = safetensors.torch.save(tensors)

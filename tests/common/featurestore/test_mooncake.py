@@ -1,7 +1,8 @@
 """mooncake:// store against a real mooncake_master + segment holder on loopback (TCP).
 
-Same bytes, checks and first-copy-wins semantics as file:// and mem://; zero-copy transfers from
-and into registered pooled buffers; typed errors for missing, corrupt and foreign samples.
+Same bytes, checks and first-copy-wins semantics as file:// and mem://; puts send from registered
+pooled buffers and get_into lands in the caller's buffer; typed errors for missing, corrupt and
+foreign samples.
 """
 
 from __future__ import annotations
@@ -31,11 +32,8 @@ from specforge_common.featurestore.mooncake import (
     MooncakeFeatureStore,
     MooncakeOptions,
     MooncakeUnavailableError,
-    PooledBuffer,
-    _plan,
-    _size_class,
-    _write,
 )
+from specforge_common.featurestore.mooncake_buffers import size_class
 from specforge_common.mooncake_processes import (
     MooncakeHolder,
     MooncakeMaster,
@@ -124,31 +122,12 @@ def store(connected: MooncakeFeatureStore) -> Iterator[MooncakeFeatureStore]:
 # --- no server needed -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "tensors",
-    [
-        {f"t{i}": _tensor(d, (3, 5), i) for i, d in enumerate(DTYPES)},
-        {"scalar": torch.tensor(2.5), "empty": torch.zeros(4, 0, dtype=torch.int32)},
-        {"strided": torch.arange(24.0).reshape(4, 6).t(), "z": torch.arange(3, dtype=torch.int8)},
-    ],
-    ids=["every-dtype", "scalar-and-empty", "non-contiguous"],
-)
-def test_encoding_into_a_buffer_writes_exactly_the_codec_bytes(
-    tensors: dict[str, torch.Tensor],
-) -> None:
-    plan = _plan(tensors)
-    target = bytearray(plan.nbytes + 100)
-    _write(plan, memoryview(target)[: plan.nbytes])
-    expected, specs = encode(tensors)
-    assert bytes(target[: plan.nbytes]) == bytes(expected) and plan.specs == specs
-
-
 def test_size_classes_have_at_most_a_quarter_of_slack() -> None:
-    assert _size_class(1) == 64 << 10
+    assert size_class(1) == 64 << 10
     for nbytes in (65537, 3_000_000, 64 << 20, (64 << 20) + 17_000, 300 << 20):
-        capacity = _size_class(nbytes)
+        capacity = size_class(nbytes)
         assert nbytes <= capacity <= nbytes * 1.25
-    assert _size_class((64 << 20) + 17_000) == 80 << 20  # not 128 MiB for a 64 MiB sample
+    assert size_class((64 << 20) + 17_000) == 80 << 20  # not 128 MiB for a 64 MiB sample
 
 
 def test_uri_options() -> None:
@@ -254,29 +233,27 @@ def test_caller_owns_what_get_returns(store: MooncakeFeatureStore) -> None:
     assert torch.equal(second["x"], torch.zeros(4, 4))
 
 
-def test_get_into_a_pooled_buffer_is_zero_copy_and_reuses_it(
-    store: MooncakeFeatureStore,
-) -> None:
+def test_get_into_is_zero_copy(store: MooncakeFeatureStore) -> None:
     tensors = _sample(512, 256, seed=3)
-    location = store.put("pooled", tensors)
-    with store.acquire_buffer(location.nbytes) as buffer:
-        out = store.get_into(location, buffer)
-        assert _equal(out, tensors)
-        start, end = buffer.address, buffer.address + buffer.capacity
-        assert all(start <= t.data_ptr() < end for t in out.values() if t.numel())
-        address = buffer.address
-        del out
+    location = store.put("into", tensors)
+    target = bytearray(location.nbytes)
+    out = store.get_into(location, target)
+    assert _equal(out, tensors)
+    start = torch.frombuffer(target, dtype=torch.uint8).data_ptr()
+    assert all(start <= t.data_ptr() < start + len(target) for t in out.values() if t.numel())
+
+
+def test_puts_reuse_registered_pool_buffers(store: MooncakeFeatureStore) -> None:
+    tensors = _sample(512, 256, seed=4)
+    store.put("warm-0", tensors)
     registered = store.pool.registered
-    for _ in range(3):  # a warm fetch allocates and registers nothing new
-        fetched = store.get_pooled(location)
-        assert fetched.buffer.address == address and _equal(fetched.tensors, tensors)
-        fetched.release()
+    for i in range(1, 4):  # a warm put allocates and registers nothing new
+        assert _equal(store.get(store.put(f"warm-{i}", tensors)), tensors)
     assert store.pool.registered == registered and store.pool.free_bytes > 0
-    again = store.acquire_buffer(location.nbytes)
-    assert again.address == address
-    again.release()
+    buffer = store.pool.acquire(100)
+    buffer.release()
     with pytest.raises(ValueError, match="already released"):
-        again.release()
+        buffer.release()
 
 
 def test_the_pool_keeps_no_more_free_buffers_than_allowed(
@@ -285,7 +262,7 @@ def test_the_pool_keeps_no_more_free_buffers_than_allowed(
     uri = f"{connected.uri}?namespace=t-{uuid.uuid4().hex[:12]}&pool=1MiB"
     store = MooncakeFeatureStore(uri, MooncakeOptions.parse(uri), connected._client)
     try:
-        small, big = store.acquire_buffer(100_000), store.acquire_buffer(3 << 20)
+        small, big = store.pool.acquire(100_000), store.pool.acquire(3 << 20)
         assert store.pool.registered == 2 and small.capacity >= 100_000
         small.release()  # fits under 1 MiB: kept registered for reuse
         big.release()  # would exceed it: unregistered and dropped
@@ -321,8 +298,7 @@ def test_a_64_mib_sample_round_trips_through_registered_buffers(
     tensors = _sample(2048, 4096, seed=5)  # 64 MiB: a 2k-token sample of a 4k-hidden target
     location = store.put("big", tensors)
     assert location.nbytes > 64 << 20
-    with store.get_pooled(location) as out:
-        assert _equal(out, tensors)
+    assert _equal(store.get(location), tensors)
     store.delete(location)
 
 
@@ -330,8 +306,7 @@ def test_a_256_mib_sample(store: MooncakeFeatureStore) -> None:
     tensors = _sample(8192, 4096, seed=6)
     location = store.put("huge", tensors)
     assert location.nbytes > 256 << 20
-    with store.get_pooled(location) as out:
-        assert _equal(out, tensors)
+    assert _equal(store.get(location), tensors)
     store.delete(location)
 
 
@@ -369,7 +344,7 @@ def test_corruption_is_detected_on_read(store: MooncakeFeatureStore) -> None:
     with pytest.raises(FeatureCorruptError, match="checksum"):
         store.get(location)
     with pytest.raises(FeatureCorruptError, match="checksum"):
-        store.get_pooled(location)
+        store.get_into(location, bytearray(location.nbytes))
     assert store._client.upsert(key, bytes(stored[:-8])) == 0  # shorter
     with pytest.raises(FeatureCorruptError, match="bytes stored"):
         store.get(location)
@@ -398,7 +373,7 @@ def test_missing_delete_exists(store: MooncakeFeatureStore) -> None:
     with pytest.raises(FeatureMissingError, match="evicted"):
         store.get(location)
     with pytest.raises(FeatureMissingError):
-        store.get_pooled(location)
+        store.get_into(location, bytearray(location.nbytes))
     never = _with(location, uri=f"mooncake:{store.namespace}/never-written")
     assert not store.exists(never)
     with pytest.raises(FeatureMissingError):
@@ -433,8 +408,8 @@ def test_get_many_into_reports_each_sample_alone(store: MooncakeFeatureStore) ->
     missing = _with(locations[0], uri=f"mooncake:{store.namespace}/gone")
     foreign = _with(locations[0], uri="mooncake:other/many-0")
     wanted = [*locations, missing, foreign]
-    buffers: list[PooledBuffer | bytearray] = [store.acquire_buffer(loc.nbytes) for loc in wanted]
-    buffers[1] = bytearray(locations[1].nbytes)  # mixed: pooled and plain buffers
+    buffers: list[object] = [bytearray(loc.nbytes) for loc in wanted]
+    buffers[1] = memoryview(bytearray(locations[1].nbytes + 16))  # longer than needed is fine
     results = store.get_many_into(wanted, buffers)
     for out, expected in zip(results[:3], samples, strict=True):
         assert isinstance(out, dict) and _equal(out, expected)
@@ -442,10 +417,6 @@ def test_get_many_into_reports_each_sample_alone(store: MooncakeFeatureStore) ->
     assert isinstance(results[4], FeatureOutsideRootError)
     with pytest.raises(ValueError, match="locations"):
         store.get_many_into(wanted, buffers[:2])
-    del results, out
-    for buffer in buffers:
-        if isinstance(buffer, PooledBuffer):
-            buffer.release()
 
 
 def test_concurrent_threads_put_and_fetch(store: MooncakeFeatureStore) -> None:
@@ -456,8 +427,7 @@ def test_concurrent_threads_put_and_fetch(store: MooncakeFeatureStore) -> None:
             for i in range(5):
                 tensors = _sample(64 + i, 48, seed=w * 10 + i)
                 location = store.put(f"w{w}-{i}", tensors)
-                with store.get_pooled(location) as out:
-                    assert _equal(out, tensors)
+                assert _equal(store.get(location), tensors)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

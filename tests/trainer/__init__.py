@@ -129,7 +129,7 @@ def assert_same_training(
             assert diff <= grad_rtol * scale + 1e-12, (name, diff, scale)
     directions_a, directions_b = adam_directions(steps_a), adam_directions(steps_b)
     lrs = [lr for lr, _ in steps_a]
-    for run, (w, directions) in enumerate(zip(weights, (directions_a, directions_b))):
+    for run, (w, directions) in enumerate(zip(weights, (directions_a, directions_b), strict=True)):
         for name in directions[0]:
             replay = initial[name].double()
             for lr, u in zip(lrs, directions, strict=True):

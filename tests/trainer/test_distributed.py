@@ -143,8 +143,11 @@ async def test_two_ranks_match_single_rank_training_with_one_allreduce_per_step(
         result.final.path / "model.safetensors")  # fmt: skip
     assert ddp_weights.keys() == single_weights.keys()
     initial = load_file(final.parent / "step-00000000" / "model.safetensors")
-    assert_same_training(initial, (ddp_weights, single_weights),
-                         (UpdateRecorder.load(Path(reports[0]["grads"])), recorder.steps))
+    assert_same_training(
+        initial,
+        (ddp_weights, single_weights),
+        (UpdateRecorder.load(Path(reports[0]["grads"])), recorder.steps),
+    )
     assert not torch.equal(initial["fc.weight"], ddp_weights["fc.weight"])
 
     # Only rank 0 checkpoints; the events carry both ranks' positions; each rank reports.
@@ -229,7 +232,8 @@ async def test_fsdp_trains_like_ddp_and_resumes_exactly(
 ) -> None:
     """FSDP (sharded parameters and AdamW state) on the same data as DDP: the same updates
     (``assert_same_training``) in 2 optimizer steps with accumulation 4 under no-sync; the
-    checkpoint holds full, unsharded weights; a resume from step 1 ends bit-identical to the uninterrupted FSDP run."""
+    checkpoint holds full, unsharded weights; a resume from step 1 ends bit-identical to the
+    uninterrupted FSDP run."""
     train = train_spec(batch_size=1, accumulation_steps=4, checkpoint_every=1)
     spec = tiny_run_spec(run_id, target, tmp_path, train=train)
     await seed_captured_run(bus, spec, n_train=16, n_eval=2, min_len=16, max_len=16)

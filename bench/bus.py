@@ -31,7 +31,7 @@ import nats.errors
 from nats.js import api
 
 from bench.report import BenchReport
-from specforge_common.bus import Bus, BusConfig
+from specforge_common.bus import Bus, BusConfig, open_bus
 from specforge_common.contracts import FeatureLocation, SampleRef, TensorSpec, decode, encode
 from specforge_common.nats_server import NatsServer
 from specforge_common.subjects import RunSubjects
@@ -226,7 +226,7 @@ class _Bench:
 
 async def _measure(url: str) -> dict[str, list[float]]:
     """Seconds per case and repetition. Ours and raw run back to back per case, in turns."""
-    bus = await Bus.connect(BusConfig(servers=(url,), name="bench-ours", storage=STORAGE))
+    bus = await open_bus(BusConfig(servers=(url,), name="bench-ours", storage=STORAGE))
     nc = await nats.connect(url, name="bench-raw")
     times: dict[str, list[float]] = {}
     try:

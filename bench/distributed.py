@@ -10,7 +10,7 @@ data (1 epoch):
 
 - run A: ``specforge train --run-id A`` (the CLI as a subprocess), 1 rank, batch ``BATCH``,
   ``OMP_NUM_THREADS=2`` / ``--threads 2``;
-- run B: ``python -m torch.distributed.run --nproc-per-node 2 -m specforge_common.cli train
+- run B: ``python -m torch.distributed.run --nproc-per-node 2 -m specforge_cli train
   --run-id B``: 2 gloo ranks, each batch ``BATCH // 2`` (same global batch),
   ``OMP_NUM_THREADS=1`` / ``--threads 1`` each;
 - run C: as B with ``--fsdp`` (parameters and optimizer state sharded over the 2 ranks).
@@ -36,7 +36,7 @@ import torch
 
 from bench.pipeline import TARGET, bench_spec  # the pipeline suite's tiny target and run
 from bench.report import BenchReport
-from specforge_common.bus import Bus, BusConfig
+from specforge_common.bus import BusConfig, open_bus
 from specforge_common.contracts import (
     RunSpec,
 )
@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def _seed(url: str, specs: list[RunSpec]) -> list[int]:
     """Capture the same samples into each run (as enqueue + capture would); train tokens each."""
-    bus = await Bus.connect(BusConfig(servers=(url,), name="bench-distributed"))
+    bus = await open_bus(BusConfig(servers=(url,), name="bench-distributed"))
     try:
         tokens = []
         for spec in specs:
@@ -83,7 +83,7 @@ def _train(run_id: str, url: str, ranks: int, work: Path, fsdp: bool = False) ->
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env |= {"OMP_NUM_THREADS": str(threads), "SPECFORGE_LOG_FORMAT": "json",
             "SPECFORGE_LOG_LEVEL": "INFO"}  # fmt: skip
-    train = ["-m", "specforge_common.cli", "train", "--run-id", run_id, "--nats", url,
+    train = ["-m", "specforge_cli", "train", "--run-id", run_id, "--nats", url,
              "--device", "cpu", "--threads", str(threads), "--spec-timeout", "30",
              "--no-resume", *(["--fsdp"] if fsdp else [])]  # fmt: skip
     if ranks == 1:
@@ -184,7 +184,7 @@ def run() -> BenchReport:
         f"({one['steps']} steps, {one['samples']} samples, {one['wall']:.2f}s trainer wall, "
         f"{one['command wall']:.1f}s command incl. start-up, data wait "
         f"{100 * one['data wait']:.1f}%); {WORLD} ranks: `python -m torch.distributed.run "
-        f"--nproc-per-node {WORLD} -m specforge_common.cli train --run-id B`, gloo, "
+        f"--nproc-per-node {WORLD} -m specforge_cli train --run-id B`, gloo, "
         f"OMP_NUM_THREADS=1 --threads 1 each ({two['steps']} steps, {two['samples']} samples, "
         f"slower rank's wall {two['wall']:.2f}s, {two['command wall']:.1f}s command, per-rank "
         f"samples/s {'/'.join(f'{x:.1f}' for x in two['per rank samples/s'])}, max data wait "

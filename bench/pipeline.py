@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from bench.report import BenchReport
-from specforge_common.bus import Bus, BusConfig
+from specforge_common.bus import Bus, BusConfig, open_bus
 from specforge_common.contracts import (
     DraftSpec,
     EnqueueSummary,
@@ -244,7 +244,7 @@ async def _coupled(bus: Bus, url: str, spec: RunSpec, work: Path) -> dict[str, f
     trainer = Trainer(bus, spec.run_id)
     await trainer.setup()
     log_path = work / f"capture-{spec.run_id}.log"
-    cmd = [sys.executable, "-m", "specforge_common.cli", "capture", "--run", spec.run_id,
+    cmd = [sys.executable, "-m", "specforge_cli", "capture", "--run", spec.run_id,
            "--nats", url,
            "--exit-when-done", "--threads", str(THREADS_COUPLED)]  # fmt: skip
     env = os.environ | {"SPECFORGE_LOG_LEVEL": "WARNING"}
@@ -281,7 +281,7 @@ async def _measure(url: str, target_dir: Path, work: Path) -> dict[str, list[dic
 
     m: dict[str, list[dict[str, float]]] = {}
     tokens: list[float] = []
-    bus = await Bus.connect(BusConfig(servers=(url,), name="bench-pipeline"))
+    bus = await open_bus(BusConfig(servers=(url,), name="bench-pipeline"))
     try:
         engine = HFTargetEngine.from_pretrained(target_dir)
         for rep in range(REPS):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from specforge_common.bus import Bus, BusConfig
+from specforge_common.bus import BusConfig, open_bus
 from specforge_common.nats_server import NatsServer
 
 _run_counter = itertools.count()
@@ -57,7 +57,7 @@ def bus_config(nats_server: NatsServer) -> BusConfig:
 
 @pytest.fixture
 async def bus(bus_config: BusConfig):
-    connection = await Bus.connect(bus_config)
+    connection = await open_bus(bus_config)
     yield connection
     await connection.close()
 

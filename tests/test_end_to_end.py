@@ -76,7 +76,7 @@ async def test_specforge_run_end_to_end(
     data = tmp_path / "conversations.jsonl"
     prompt_ids = write_dataset(data, 40)
     config = write_config(tmp_path / "run.toml", tiny_target)
-    command = [sys.executable, "-m", "specforge_common.cli", "run", "--config", str(config),
+    command = [sys.executable, "-m", "specforge_cli", "run", "--config", str(config),
                "--run", run_id, "--source", str(data), "--limit", "100",
                "--workdir", str(tmp_path / "work"), "--captures", "2",
                "--no-embedded", "--nats", nats_server.url]  # fmt: skip
@@ -139,7 +139,7 @@ def test_specforge_run_colocated(tmp_path: Path, tiny_target: Path, run_id: str)
     prompt_ids = write_dataset(data, 40)
     config = write_config(tmp_path / "run.toml", tiny_target)
     workdir = tmp_path / "work"
-    command = [sys.executable, "-m", "specforge_common.cli", "run", "--colocated",
+    command = [sys.executable, "-m", "specforge_cli", "run", "--colocated",
                "--config", str(config), "--run", run_id, "--source", str(data),
                "--limit", "100", "--workdir", str(workdir)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -172,7 +172,7 @@ async def test_specforge_run_on_an_embedded_mooncake_store(
     data = tmp_path / "conversations.jsonl"
     write_dataset(data, 40)
     config = write_config(tmp_path / "run.toml", tiny_target)
-    command = [sys.executable, "-m", "specforge_common.cli", "run", "--config", str(config),
+    command = [sys.executable, "-m", "specforge_cli", "run", "--config", str(config),
                "--run", run_id, "--source", str(data), "--limit", "100",
                "--workdir", str(tmp_path / "work"), "--no-embedded", "--nats", nats_server.url,
                "--set", "store_uri=mooncake://auto?holder=256MiB",

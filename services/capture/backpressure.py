@@ -30,10 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nats.errors
-import nats.js.errors
-
-from specforge_common.bus import Bus
+from specforge_common.bus import Bus, BusError
 from specforge_common.contracts import TrainerProgress
 from specforge_common.log import get_logger
 from specforge_common.subjects import progress_prefix
@@ -119,7 +116,7 @@ class BackpressureGate:
         """Read the outstanding count now; None (and a warning) if JetStream could not say."""
         try:
             value = await outstanding_samples(self.bus, self.run_id)
-        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as exc:
+        except (BusError, asyncio.TimeoutError, OSError) as exc:
             self.log.warning("cannot read trainer backlog; not pausing", error=repr(exc))
             return None
         finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from specforge_common.cli import add_bus_arguments, bus_config_from_args
+from specforge_common.bus import add_bus_arguments, bus_config_from_args, open_bus
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -53,7 +53,8 @@ async def _main(args: argparse.Namespace) -> int:
     import signal
     import socket
 
-    from specforge_common.bus import Bus, BusError
+    from specforge_common.bus import BusError
+    from specforge_common.contracts import RunSpec
     from specforge_common.log import bind_context, configure_logging, get_logger
 
     configure_logging("json")
@@ -75,14 +76,21 @@ async def _main(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
 
     try:
-        bus = await Bus.connect(bus_config_from_args(args, f"specforge-capture-{producer}"))
+        bus = await open_bus(bus_config_from_args(args, f"specforge-capture-{producer}"))
     except BusError as exc:
         log.error("cannot connect to NATS", error=str(exc))
         return 1
     try:
-        spec = await _wait_for_spec(bus, args.run, args.spec_timeout, stop, log)
-        if spec is None:
-            return 0 if stop.is_set() else 1
+        try:
+            spec = await bus.wait_for_record(args.run, RunSpec, timeout=args.spec_timeout,
+                                             what="run spec", stop=stop)  # fmt: skip
+        except BusError as exc:
+            log.error("no run spec stored for this run: start the run first (whoever "
+                      "enqueues it stores the spec)", error=str(exc))  # fmt: skip
+            return 1
+        if spec is None:  # stopped while waiting
+            return 0
+        log.info("run spec found", spec_hash=spec.spec_hash(), mode=spec.capture.mode)
         import torch
         from transformers.utils import logging as hf_logging
 
@@ -97,16 +105,11 @@ async def _main(args: argparse.Namespace) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype_name = args.dtype or ("float32" if device == "cpu" else spec.target.dtype)
-        log.info("loading target", path=spec.target.path, device=device, dtype=dtype_name)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        log.info("loading target", path=spec.target.path, device=device, dtype=args.dtype)
         try:
-            engine = await asyncio.to_thread(
-                HFTargetEngine.from_pretrained,
-                spec.target.path,
-                device=device,
-                dtype=getattr(torch, dtype_name),
-                aux_layer_ids=spec.draft.aux_layer_ids,
-            )
+            engine = await asyncio.to_thread(HFTargetEngine.for_run, spec, device=device,
+                                             dtype=dtype)  # fmt: skip
             store = open_store(spec.store_uri)
         except Exception as exc:
             log.error("cannot load the target or open the feature store", error=repr(exc))
@@ -120,30 +123,3 @@ async def _main(args: argparse.Namespace) -> int:
         return 0
     finally:
         await bus.close()
-
-
-async def _wait_for_spec(bus, run_id: str, timeout: float, stop: asyncio.Event, log):
-    from specforge_common.contracts import RunSpec
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    announced = False
-    while not stop.is_set():
-        spec = await bus.get_record(run_id, RunSpec)
-        if spec is not None:
-            log.info("run spec found", spec_hash=spec.spec_hash(), mode=spec.capture.mode)
-            return spec
-        if loop.time() > deadline:
-            log.error(
-                "no RunSpec stored for this run; start the run (store its spec) first",
-                waited_s=timeout,
-            )
-            return None
-        if not announced:
-            log.info("waiting for the run spec in the KV bucket", timeout_s=timeout)
-            announced = True
-        try:
-            await asyncio.wait_for(stop.wait(), 0.5)
-        except asyncio.TimeoutError:
-            pass
-    return None

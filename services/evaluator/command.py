@@ -6,22 +6,19 @@ draft judged by real speculative decoding, no bus (``standalone.py``).
 Reads the run spec from the bus (waiting up to ``--spec-timeout`` for whoever starts the run to
 store it), reads the eval split, then evaluates every CheckpointEvent of the run. Exit codes:
 0 done (stopped by SIGTERM/SIGINT, or the final checkpoint evaluated with ``--exit-when-final``),
-1 the final checkpoint was dead-lettered, 2 no run spec / cannot start.
+1 no run spec within ``--spec-timeout`` or the final checkpoint was dead-lettered, 2 bad
+arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import TYPE_CHECKING
 
-from specforge_common.cli import add_bus_arguments, bus_config_from_args
+from specforge_common.bus import BusError, add_bus_arguments, bus_config_from_args, open_bus
+from specforge_common.contracts import RunSpec
 
 from . import standalone
-
-if TYPE_CHECKING:
-    from specforge_common.bus import Bus
-    from specforge_common.contracts import RunSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,50 +54,21 @@ def main(args: argparse.Namespace) -> int:
     return asyncio.run(_evaluate(args))
 
 
-class NoRunSpec(RuntimeError):
-    pass
-
-
-async def wait_for_run_spec(
-    bus: Bus, run_id: str, *, timeout: float | None, poll: float = 1.0, log_every: float = 10.0
-) -> RunSpec:
-    """The run's spec from the KV bucket, waiting (with a log line) while nobody stored it."""
-    from specforge_common.log import get_logger
-
-    log = get_logger()
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    last_log = -log_every
-    while (spec := await bus.get_run_spec(run_id)) is None:
-        waited = loop.time() - start
-        if timeout is not None and waited >= timeout:
-            raise NoRunSpec(
-                f"no run spec for run {run_id!r} after {timeout:g}s; start the run first "
-                "(whoever enqueues it stores the spec)"
-            )
-        if waited - last_log >= log_every:
-            log.info("waiting for the run spec", waited_s=round(waited, 1))
-            last_log = waited
-        await asyncio.sleep(min(poll, max(timeout - waited, 0.05)) if timeout else poll)
-    return spec
-
-
 async def _evaluate(args: argparse.Namespace) -> int:
     import signal
 
-    from specforge_common.bus import Bus
     from specforge_common.log import bind_context, get_logger
 
     bind_context(service="evaluator", run=args.run)
     log = get_logger()
-    async with await Bus.connect(
-        bus_config_from_args(args, f"specforge-evaluator-{args.run}")
-    ) as bus:
+    async with await open_bus(bus_config_from_args(args, f"specforge-evaluator-{args.run}")) as bus:
         try:
-            spec = await wait_for_run_spec(bus, args.run, timeout=args.spec_timeout)
-        except NoRunSpec as exc:
-            log.error("cannot start", error=str(exc))
-            return 2
+            spec = await bus.wait_for_record(args.run, RunSpec, timeout=args.spec_timeout,
+                                             what="run spec")  # fmt: skip
+        except BusError as exc:
+            log.error("no run spec stored for this run: start the run first (whoever "
+                      "enqueues it stores the spec)", error=str(exc))  # fmt: skip
+            return 1
         # Heavy imports only once there is work: torch, the models, the feature stores.
         import torch
 
@@ -117,7 +85,6 @@ async def _evaluate(args: argparse.Namespace) -> int:
             bus,
             spec,
             store,
-            target_dir=spec.target.path,
             device=device,
             exit_when_final=args.exit_when_final,
         )

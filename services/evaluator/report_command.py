@@ -12,7 +12,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from specforge_common.cli import add_bus_arguments, bus_config_from_args
+from specforge_common.bus import add_bus_arguments, bus_config_from_args, open_bus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _report(args: argparse.Namespace) -> int:
-    from specforge_common.bus import Bus, BusError
+    from specforge_common.bus import BusError
     from specforge_common.contracts import ContractError, validate_run_id
 
     from .report import NoReportDir, write_report
@@ -45,7 +45,7 @@ async def _report(args: argparse.Namespace) -> int:
         print(f"specforge report: error: {exc}")
         return 2
     try:
-        async with await Bus.connect(bus_config_from_args(args, "specforge-report")) as bus:
+        async with await open_bus(bus_config_from_args(args, "specforge-report")) as bus:
             report = await write_report(bus, args.run, args.out, output_dir=args.output_dir)
     except NoReportDir as exc:
         print(f"specforge report: error: {exc} (--out DIR or --output-dir DIR)")

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from specforge_common.batch import SampleError, check_sample
-from specforge_common.bus import Bus, Delivery
+from specforge_common.bus import Bus, Delivery, heartbeat
 from specforge_common.contracts import (
     CheckpointEvent,
     ContractError,
@@ -189,7 +189,6 @@ class Evaluator:
         spec: RunSpec,
         store: FeatureStore,
         *,
-        target_dir: str | Path,
         device: str | torch.device = "cpu",
         exit_when_final: bool = False,
         fetch_timeout: float = 1.0,
@@ -197,7 +196,6 @@ class Evaluator:
         self.bus = bus
         self.spec = spec
         self.store = store
-        self.target_dir = Path(target_dir)
         self.device = torch.device(device)
         self.exit_when_final = exit_when_final
         self.fetch_timeout = fetch_timeout
@@ -220,11 +218,11 @@ class Evaluator:
         """Read the eval split and the target tensors (``run`` calls it if not done)."""
         started = time.perf_counter()
         self.eval_set = await read_eval_split(self.bus, self.spec, self.store)
-        head = load_lm_head(self.target_dir)
+        head = load_lm_head(self.spec.target.path)
         # CPU: fp32 (low-precision matmuls are very slow there); GPU: the stored dtype.
         head_dtype = torch.float32 if self.device.type == "cpu" else head.dtype
         self.target_head = head.to(device=self.device, dtype=head_dtype)
-        self.embedding = load_embedding(self.target_dir)
+        self.embedding = load_embedding(self.spec.target.path)
         es = self.eval_set
         self.log.info(
             "eval split loaded",
@@ -252,13 +250,7 @@ class Evaluator:
         if not prompts:
             self.log.warning("no eval sample has a prompt: serving metrics are skipped")
             return None
-        dtype = (
-            torch.float32 if self.device.type == "cpu" else getattr(torch, self.spec.target.dtype)
-        )
-        engine = HFTargetEngine.from_pretrained(
-            self.target_dir, device=self.device, dtype=dtype,
-            aux_layer_ids=self.spec.draft.aux_layer_ids,
-        )  # fmt: skip
+        engine = HFTargetEngine.for_run(self.spec, device=self.device)
         serving = ServingEval(engine, prompts, num_draft_tokens=cfg.num_draft_tokens,
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                               seed=self.spec.seed)  # fmt: skip
@@ -308,7 +300,8 @@ class Evaluator:
         """Evaluate (or dead-letter) one event; returns whether it was the final checkpoint."""
         event = delivery.record
         try:
-            result = await self._with_heartbeat(delivery, self._evaluate(event))
+            async with heartbeat(lambda: [delivery], self.bus.config.ack_wait_s):
+                result = await self._evaluate(event)
         except Rejected as exc:
             self.log.error(
                 "checkpoint event dead-lettered",
@@ -329,26 +322,6 @@ class Evaluator:
         if event.final:
             self.report.final_step = event.step
         return event.final
-
-    async def _with_heartbeat(self, delivery: Delivery, work):
-        """Run ``work`` while telling the server every ack_wait/3 that the event is in hand."""
-        interval = max(self.bus.config.ack_wait_s / 3, 0.5)
-
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(interval)
-                try:
-                    await delivery.in_progress()
-                except Exception as exc:  # a lost heartbeat only risks a redelivery
-                    self.log.warning("in-progress ack failed", error=repr(exc))
-
-        beater = asyncio.create_task(beat())
-        try:
-            return await work
-        finally:
-            beater.cancel()
-            with suppress(asyncio.CancelledError):
-                await beater
 
     def _check_fits(self, config: Eagle3Config, directory: Path) -> None:
         """Refuse a draft built for another target before running it on this one's features."""

@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
 
     from specforge_common.eagle3 import CheckpointError, load_draft
     from specforge_common.log import get_logger
-    from specforge_common.targets import HFTargetEngine, load_embedding
+    from specforge_common.targets import HFTargetEngine, default_dtype, load_embedding
 
     from .serving import ServingEval, prompts_from_source
 
@@ -52,9 +52,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     device = args.device if args.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
-        engine = HFTargetEngine.from_pretrained(args.target, device=device, dtype=dtype)
+        engine = HFTargetEngine.from_pretrained(args.target, device=device,
+                                                dtype=default_dtype(device))  # fmt: skip
         draft = load_draft(args.draft, embedding=load_embedding(args.target), device=device)
         prompts = prompts_from_source(args.prompts, engine.tokenizer, args.limit,
                                       max_length=args.max_length)  # fmt: skip

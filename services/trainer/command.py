@@ -23,7 +23,7 @@ import asyncio
 import signal
 import sys
 
-from specforge_common.cli import add_bus_arguments, bus_config_from_args
+from specforge_common.bus import add_bus_arguments, bus_config_from_args, open_bus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,13 +66,14 @@ def main(args: argparse.Namespace) -> int:
     from specforge_common.log import configure_logging
 
     configure_logging("json")
-    return asyncio.run(_train(args))
+    return asyncio.run(run_trainer(args))
 
 
-async def _train(args: argparse.Namespace) -> int:
+async def run_trainer(args: argparse.Namespace) -> int:
+    """The trainer as the command runs it (``replay`` too): its exit status."""
     import torch
 
-    from specforge_common.bus import Bus, BusError
+    from specforge_common.bus import BusError
     from specforge_common.log import bind_context, get_logger
 
     from .distributed import DistEnv, destroy_process_group
@@ -92,7 +93,7 @@ async def _train(args: argparse.Namespace) -> int:
     if env.world_size > 1:
         name += f"-rank{env.rank}"
     try:
-        bus = await Bus.connect(bus_config_from_args(args, name))
+        bus = await open_bus(bus_config_from_args(args, name))
     except BusError as exc:
         print(f"specforge train: {exc}", file=sys.stderr)
         return 1

@@ -48,7 +48,7 @@ import torch
 
 from specforge_common.batch import FEATURE_KEYS, SampleError, TrainBatch, check_sample, collate
 from specforge_common.bus import Bus, Undecodable
-from specforge_common.contracts import DeadLetter, EndOfSplit, SampleRef, Split, encode
+from specforge_common.contracts import EndOfSplit, SampleRef, Split, encode
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
 from specforge_common.featurestore.errors import FeatureCorruptError, FeatureMissingError
 from specforge_common.log import get_logger
@@ -257,11 +257,8 @@ class SampleStream:
         reason = f"{type(exc).__name__}: {exc}"
         self.log.error("sample unusable, dead-lettered and skipped", sample_id=item.ref.sample_id,
                        seq=item.seq, epoch=item.epoch, reason=reason)  # fmt: skip
-        letter = DeadLetter(
-            subject=subject, reason=reason, payload=encode(item.ref), service=self.service,
-            run_id=self.run_id, stream_sequence=item.seq,
-        )  # fmt: skip
-        await self.bus.publish(self.subjects.dlq, letter, msg_id=f"dlq:{subject}:{item.seq}")
+        await self.bus.dead_letter(self.run_id, subject, encode(item.ref), reason,
+                                   service=self.service, seq=item.seq)  # fmt: skip
 
     async def _undecodable(self, item: Undecodable) -> None:
         """A samples-log message that is no record (a broken or foreign producer): dead-letter
@@ -269,11 +266,9 @@ class SampleStream:
         self.stats.dead_lettered += 1
         self.log.error("undecodable samples-log message, dead-lettered and skipped",
                        seq=item.seq, reason=str(item.error))  # fmt: skip
-        letter = DeadLetter(
-            subject=item.subject, reason=f"ContractError: {item.error}", payload=item.data,
-            service=self.service, run_id=self.run_id, stream_sequence=item.seq,
-        )  # fmt: skip
-        await self.bus.publish(self.subjects.dlq, letter, msg_id=f"dlq:{item.subject}:{item.seq}")
+        await self.bus.dead_letter(self.run_id, item.subject, item.data,
+                                   f"ContractError: {item.error}", service=self.service,
+                                   seq=item.seq)  # fmt: skip
 
     # --- producer side ---------------------------------------------------------------------
 

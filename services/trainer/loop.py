@@ -120,7 +120,6 @@ from .schedule import LRSchedule, total_optimizer_steps
 __all__ = ["TrainResult", "Trainer", "TrainerError", "build_draft", "load_vocab_map"]
 
 SERVICE = "trainer"
-WAIT_LOG_EVERY_S = 30.0
 
 
 def read_trained_samples(path: str | Path) -> list[dict[str, Any]]:
@@ -316,20 +315,10 @@ class Trainer:
     # --- setup -----------------------------------------------------------------------------
 
     async def _wait_record(self, key: str, record_type: Any, what: str, timeout: float | None):
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            remaining = WAIT_LOG_EVERY_S if deadline is None else deadline - loop.time()
-            chunk = max(0.0, min(WAIT_LOG_EVERY_S, remaining))
-            try:
-                return await self.bus.wait_for_record(key, record_type, timeout=chunk, poll=0.25)
-            except BusError:
-                if deadline is not None and loop.time() >= deadline:
-                    raise TrainerError(
-                        f"no {what} for run {self.run_id!r} after {timeout:g}s (KV key {key!r}); "
-                        "start the run (specforge enqueue) or check --run"
-                    ) from None
-                self.log.info(f"waiting for the {what}", key=key)
+        try:
+            return await self.bus.wait_for_record(key, record_type, timeout=timeout, what=what)
+        except BusError as exc:
+            raise TrainerError(f"{exc}; start the run (specforge enqueue) or check --run") from None
 
     async def setup(self) -> None:
         if self._ready:

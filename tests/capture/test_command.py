@@ -22,7 +22,7 @@ from tests.capture.test_worker import (
     token_tasks,
 )
 
-SPECFORGE = [sys.executable, "-m", "specforge_common.cli"]
+SPECFORGE = [sys.executable, "-m", "specforge_cli"]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ async def test_missing_run_spec_exits_1_with_a_clear_message(run_id, nats_server
     proc = spawn(run_id, nats_server.url, "--spec-timeout", "0.5")
     code, lines = await finish(proc, timeout=60)
     assert code == 1
-    assert any("no RunSpec stored" in line["event"] for line in lines)
+    assert any("no run spec stored" in line["event"] for line in lines)
 
 
 def test_capture_is_a_registered_command() -> None:

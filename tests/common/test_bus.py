@@ -10,7 +10,7 @@ import contextlib
 
 import pytest
 
-from specforge_common.bus import Bus, BusConfig, BusError, RunSpecConflict
+from specforge_common.bus import Bus, BusConfig, BusError, LocalBus, RunSpecConflict, open_bus
 from specforge_common.contracts import (
     DeadLetter,
     EndOfSplit,
@@ -22,7 +22,6 @@ from specforge_common.contracts import (
     TensorSpec,
     decode,
 )
-from specforge_common.local_bus import LocalBus
 from specforge_common.subjects import STREAM_KINDS, RunSubjects
 
 
@@ -32,14 +31,14 @@ async def bus(request: pytest.FixtureRequest, bus_config: BusConfig):
     if request.param == "local":
         yield LocalBus(bus_config)
         return
-    connection = await Bus.connect(bus_config)
+    connection = await open_bus(bus_config)
     yield connection
     await connection.close()
 
 
 @pytest.fixture
 async def nats_bus(bus_config: BusConfig):
-    async with await Bus.connect(bus_config) as connection:
+    async with await open_bus(bus_config) as connection:
         yield connection
 
 
@@ -90,10 +89,10 @@ async def test_ensure_streams_is_idempotent_and_sets_retention(nats_bus: Bus, ru
 async def test_ensure_streams_updates_a_changed_duplicate_window(
     bus_config: BusConfig, run_id: str
 ) -> None:
-    async with await Bus.connect(bus_config) as first:
+    async with await open_bus(bus_config) as first:
         await first.ensure_streams(run_id)
     changed = BusConfig(servers=bus_config.servers, duplicate_window_s=120.0)
-    async with await Bus.connect(changed) as second:
+    async with await open_bus(changed) as second:
         subjects = await second.ensure_streams(run_id)
         info = await second.js.stream_info(subjects.stream("samples"))
         assert info.config.duplicate_window == pytest.approx(120.0)
@@ -215,7 +214,7 @@ async def test_work_queue_shared_by_two_workers_delivers_each_once(
 
 @contextlib.asynccontextmanager
 async def _connect(config: BusConfig):
-    async with await Bus.connect(config) as connection:
+    async with await open_bus(config) as connection:
         yield connection
 
 
@@ -332,7 +331,7 @@ async def test_connect_to_nothing_fails_clearly() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(BusError, match="cannot connect"):
-        await Bus.connect(BusConfig(servers=(f"nats://127.0.0.1:{port}",), connect_timeout_s=1))
+        await open_bus(BusConfig(servers=(f"nats://127.0.0.1:{port}",), connect_timeout_s=1))
 
 
 def test_subjects_are_per_run() -> None:

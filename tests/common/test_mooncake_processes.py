@@ -132,7 +132,7 @@ def _wait_for(condition, what: str, timeout: float = 20.0) -> None:  # noqa: ANN
 @needs_mooncake
 def test_cli_commands_run_master_and_holder_until_signalled() -> None:
     port, metrics_port, holder_port = free_port(), free_port(), free_port()
-    cli = [sys.executable, "-m", "specforge_common.cli"]
+    cli = [sys.executable, "-m", "specforge_cli"]
     env = dict(os.environ, SPECFORGE_LOG_FORMAT="console")
     master = subprocess.Popen(
         [*cli, "mooncake-master", "--port", str(port), "--metrics-port", str(metrics_port)],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from specforge_common.bus import Bus, BusConfig, BusError
+from specforge_common.bus import BusConfig, BusError, open_bus
 from specforge_common.nats_server import NatsServer, NatsServerError, find_nats_server
 
 
@@ -19,7 +19,7 @@ def test_starts_on_a_free_loopback_port_with_jetstream_and_stops_cleanly(tmp_pat
         assert proc is not None and a.running
 
         async def roundtrip() -> int:
-            async with await Bus.connect(BusConfig(servers=(a.url,))) as bus:
+            async with await open_bus(BusConfig(servers=(a.url,))) as bus:
                 await bus.ensure_streams("launcher")
                 return await bus.stream_depth("launcher", "samples")
 
@@ -57,7 +57,7 @@ def test_bus_authenticates_with_user_and_password() -> None:
         async def attempt(user: str | None, password: str | None) -> int:
             config = BusConfig(servers=(server.url,), user=user, password=password,
                                connect_attempts=1)  # fmt: skip
-            async with await Bus.connect(config) as bus:
+            async with await open_bus(config) as bus:
                 await bus.ensure_streams("auth")
                 return await bus.stream_depth("auth", "prompts")
 

@@ -11,7 +11,7 @@ import pytest
 import tomllib
 import yaml
 
-from specforge_common.cli import build_parser
+from specforge_cli.main import build_parser
 from specforge_common.config import build_run_spec
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

@@ -17,7 +17,7 @@ from specforge_common.targets import make_tiny_target
 from tests.evaluator import build_draft, publish_checkpoint, read_stream, vocab_map_of_run
 from tests.support import seed_captured_run, tiny_run_spec
 
-SPECFORGE = [sys.executable, "-m", "specforge_common.cli"]
+SPECFORGE = [sys.executable, "-m", "specforge_cli"]
 # The command must choose JSON logs itself; no format override from the caller's environment.
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("SPECFORGE_")} | {
     "OMP_NUM_THREADS": "1"
@@ -70,10 +70,10 @@ async def test_evaluate_exits_0_after_the_final_checkpoint(
     assert all(len(line["acc"]) == spec.train.ttt_length for line in evaluated)
 
 
-async def test_evaluate_without_a_run_spec_exits_2(bus, run_id: str, nats_server) -> None:
+async def test_evaluate_without_a_run_spec_exits_1(bus, run_id: str, nats_server) -> None:
     code, stderr = await evaluate("--run", run_id, "--nats", nats_server.url, "--spec-timeout",
                                   "0.5")  # fmt: skip
-    assert code == 2, stderr
+    assert code == 1, stderr
     assert "no run spec" in stderr
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from specforge_common import cli
+import specforge_cli.main as cli
 from specforge_common.contracts import CheckpointEvent, EvalResult
 from specforge_evaluator.report import (
     LENGTH_PNG,
@@ -259,7 +259,7 @@ async def test_report_command_without_a_spec(
 
 def test_cli_help_does_not_import_matplotlib() -> None:
     code = (
-        "import sys; from specforge_common.cli import build_parser; build_parser(); "
+        "import sys; from specforge_cli.main import build_parser; build_parser(); "
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported at parser build'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

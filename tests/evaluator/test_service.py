@@ -32,7 +32,7 @@ def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def evaluator(bus, spec, **kw) -> Evaluator:
-    return Evaluator(bus, spec, open_store(spec.store_uri), target_dir=spec.target.path,
+    return Evaluator(bus, spec, open_store(spec.store_uri),
                      fetch_timeout=0.2, **kw)  # fmt: skip
 
 

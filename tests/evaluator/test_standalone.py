@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from specforge_common.cli import main as cli_main
+from specforge_cli.main import main as cli_main
 from specforge_common.eagle3 import VocabMap, save_draft
 from specforge_common.targets import make_tiny_target
 from tests.evaluator import build_draft

@@ -18,9 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from specforge_common.bus import Bus
+from specforge_common.bus import Bus, LocalBus
 from specforge_common.featurestore import open_store
-from specforge_common.local_bus import LocalBus
 from specforge_common.targets import make_tiny_target
 from specforge_trainer.loop import Trainer, trained_samples_path
 from tests.mooncake_support import mooncake_master, mooncake_uri  # noqa: F401 - fixture

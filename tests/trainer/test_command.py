@@ -19,7 +19,7 @@ from specforge_common.targets import make_tiny_target
 from tests.support import seed_captured_run, tiny_run_spec
 from tests.trainer import drop_end_markers, train_spec
 
-SPECFORGE = [sys.executable, "-m", "specforge_common.cli"]
+SPECFORGE = [sys.executable, "-m", "specforge_cli"]
 
 
 @pytest.fixture(scope="module")

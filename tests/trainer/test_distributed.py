@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from specforge_common.bus import Bus, BusConfig
+from specforge_common.bus import Bus, BusConfig, open_bus
 from specforge_common.contracts import CheckpointEvent, TrainerProgress
 from specforge_common.subjects import progress_key
 from specforge_common.targets import make_tiny_target
@@ -42,7 +42,7 @@ async def _rank_async(
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    bus = await Bus.connect(BusConfig(servers=(nats_url,), name=f"test-rank{rank}"))
+    bus = await open_bus(BusConfig(servers=(nats_url,), name=f"test-rank{rank}"))
     async with bus:
         trainer = Trainer(bus, run_id, rank=rank, world_size=WORLD, spec_timeout=20,
                           resume=resume, parallel=parallel)  # fmt: skip
@@ -204,7 +204,7 @@ async def test_ranks_shard_the_split_disjointly_and_take_equal_steps(
 async def test_specforge_train_under_torchrun_trains_two_ranks(
     bus: Bus, run_id: str, target: Path, tmp_path: Path, nats_server
 ) -> None:
-    """The command as a user runs it: ``torchrun --nproc-per-node 2 -m specforge_common.cli
+    """The command as a user runs it: ``torchrun --nproc-per-node 2 -m specforge_cli
     train --run-id R``; rank 0 prints the final draft, both ranks report done at the same step."""
     import subprocess
     import sys
@@ -214,7 +214,7 @@ async def test_specforge_train_under_torchrun_trains_two_ranks(
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-        "--master-port", str(_free_port()), "-m", "specforge_common.cli", "train",
+        "--master-port", str(_free_port()), "-m", "specforge_cli", "train",
         "--run-id", run_id, "--nats", nats_server.url, "--device", "cpu", "--threads", "1",
         "--spec-timeout", "20", stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip

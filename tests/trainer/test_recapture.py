@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from specforge_common.bus import Bus, BusConfig
+from specforge_common.bus import Bus, BusConfig, LocalBus, open_bus
 from specforge_common.contracts import (
     CaptureSpec,
     DeadLetter,
@@ -29,7 +29,6 @@ from specforge_common.contracts import (
 )
 from specforge_common.data.enqueue import enqueue, publish_prompts
 from specforge_common.featurestore import open_store
-from specforge_common.local_bus import LocalBus
 from specforge_common.log import get_logger
 from specforge_common.subjects import RunSubjects
 from specforge_common.targets import HFTargetEngine, make_tiny_target
@@ -58,7 +57,7 @@ async def any_bus(request: pytest.FixtureRequest, bus_config: BusConfig):
     if request.param == "local":
         yield LocalBus(bus_config)
         return
-    async with await Bus.connect(bus_config) as connection:
+    async with await open_bus(bus_config) as connection:
         yield connection
 
 

@@ -13,7 +13,7 @@ from .engine import (
     resolve_aux_layer_ids,
 )
 from .head import load_embedding, load_lm_head, load_target_tensor
-from .hf import HFTargetEngine, target_info_from_config
+from .hf import HFTargetEngine, default_dtype, target_info_from_config
 from .smollm2 import default_cache_dir, prepare_smollm2, smollm2_gguf_path
 from .tiny import make_tiny_target, make_tiny_tokenizer
 
@@ -24,6 +24,7 @@ __all__ = [
     "TargetEngine",
     "TargetInfo",
     "default_aux_layer_ids",
+    "default_dtype",
     "default_cache_dir",
     "load_embedding",
     "load_lm_head",

@@ -35,7 +35,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..contracts import RunSpec
 from .engine import AuxLayerIds, CaptureOutput, TargetInfo, resolve_aux_layer_ids
+
+
+def default_dtype(device: str | torch.device, accelerator_dtype: str = "bfloat16") -> torch.dtype:
+    """fp32 on CPUs, whose bf16/fp16 matmuls are far slower; ``accelerator_dtype`` elsewhere."""
+    on_cpu = torch.device(device).type == "cpu"
+    return torch.float32 if on_cpu else getattr(torch, accelerator_dtype)
 
 
 def _as_int_tuple(value: Any) -> tuple[int, ...]:
@@ -127,6 +134,15 @@ class HFTargetEngine:
         return cls(
             model, model_dir=model_dir, aux_layer_ids=aux_layer_ids, draft_config=draft_config
         )
+
+    @classmethod
+    def for_run(
+        cls, spec: RunSpec, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> HFTargetEngine:
+        """The run's target with its aux layers, in ``dtype`` or ``default_dtype``."""
+        dtype = dtype or default_dtype(device, spec.target.dtype)
+        return cls.from_pretrained(spec.target.path, device=device, dtype=dtype,
+                                   aux_layer_ids=spec.draft.aux_layer_ids)  # fmt: skip
 
     @property
     def tokenizer(self):

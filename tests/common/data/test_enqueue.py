@@ -295,7 +295,7 @@ async def test_packaged_sharegpt_enqueues_with_a_limit(
 
 def specforge(*args: str) -> subprocess.CompletedProcess[str]:
     """The command as a user runs it: a real process."""
-    return subprocess.run([sys.executable, "-m", "specforge_common.cli", *args],
+    return subprocess.run([sys.executable, "-m", "specforge_cli", *args],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
@@ -303,7 +303,7 @@ def specforge_here(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int,
     """``specforge enqueue ARGS`` in this process (skips a 4 s torch + transformers start-up)."""
     import argparse
 
-    from specforge_common.commands import enqueue as command
+    from specforge_cli import enqueue as command
 
     parser = argparse.ArgumentParser(prog="specforge enqueue")
     command.add_arguments(parser)
@@ -316,10 +316,10 @@ def specforge_here(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int,
 def test_cli_starts_a_run_reports_and_refuses_conflicts(
     run_id: str, target: Path, tmp_path: Path, nats_server, capsys, bus_config
 ) -> None:
-    from specforge_common.bus import Bus
+    from specforge_common.bus import open_bus
 
     async def state() -> tuple[RunSpec | None, int]:
-        async with await Bus.connect(bus_config) as bus:
+        async with await open_bus(bus_config) as bus:
             return await bus.get_run_spec(run_id), await bus.stream_depth(run_id, "prompts")
 
     rows: list[object | str] = [{"id": f"c{i}", "conversations": conversation(i)}

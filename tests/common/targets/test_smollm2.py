@@ -46,7 +46,7 @@ def test_prepare_via_cli_gives_a_working_smollm2(tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "specforge_common.cli",
+        "specforge_cli",
         "models",
         "prepare",
         "--dir",

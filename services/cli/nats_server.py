@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..log import get_logger
-    from ..nats_server import NatsServer
+    from specforge_common.log import get_logger
+    from specforge_common.nats_server import NatsServer
 
     log = get_logger(command="nats-server")
     stop = threading.Event()

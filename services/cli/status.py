@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from ..cli import add_bus_arguments, bus_config_from_args
+from specforge_common.bus import BusError, add_bus_arguments, bus_config_from_args, open_bus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,33 +18,23 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    import nats.js.errors
+    from specforge_common.subjects import STREAM_KINDS
 
-    from ..bus import Bus
-    from ..subjects import STREAM_KINDS, RunSubjects
-
-    subjects = RunSubjects(args.run)
-    async with await Bus.connect(bus_config_from_args(args, "specforge-status")) as bus:
+    async with await open_bus(bus_config_from_args(args, "specforge-status")) as bus:
         spec = await bus.get_run_spec(args.run)
         print(f"run {args.run}: " + (f"spec {spec.spec_hash()}" if spec else "no run spec stored"))
         for kind in STREAM_KINDS:
             try:
-                info = await bus.js.stream_info(subjects.stream(kind))
-            except nats.js.errors.NotFoundError:
+                state = await bus.stream_state(args.run, kind)
+            except BusError:
                 print(f"  {kind:<12} (no stream)")
                 continue
-            state = info.state
             print(f"  {kind:<12} {state.messages:>8} msgs  {state.bytes:>12,} bytes  "
                   f"seq {state.first_seq}..{state.last_seq}")  # fmt: skip
-            for name in await _consumer_names(bus, subjects.stream(kind)):
+            for name in await bus.consumers(args.run, kind):
                 lag = await bus.consumer_lag(args.run, kind, name)
                 print(
                     f"    consumer {name:<16} pending {lag.num_pending:>8}  "
                     f"unacked {lag.num_ack_pending:>6}  redelivered {lag.num_redelivered}"
                 )
     return 0
-
-
-async def _consumer_names(bus, stream: str) -> list[str]:
-    infos = await bus.js.consumers_info(stream)
-    return sorted(info.name for info in infos if info.config.durable_name)

@@ -17,11 +17,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import tomllib
 
-from ..bus import Bus
-from ..config import ConfigError, build_run_spec
-from ..contracts import EvalResult, RunSpec, TrainerProgress
-from ..log import get_logger
-from ..subjects import progress_key
+from specforge_common.bus import Bus
+from specforge_common.config import ConfigError, build_run_spec
+from specforge_common.contracts import EvalResult, RunSpec, TrainerProgress
+from specforge_common.log import get_logger
+from specforge_common.subjects import progress_key
 
 log = get_logger(command="run")
 
@@ -49,7 +49,7 @@ def build_spec(
         o.startswith("target.path=") for o in overrides
     )
     if not target_given:
-        from ..targets.smollm2 import prepare_smollm2
+        from specforge_common.targets.smollm2 import prepare_smollm2
 
         log.info("default target SmolLM2-135M-Instruct (converted from its GGUF once, ~30 s)")
         data.setdefault("target", {})["path"] = str(prepare_smollm2())
@@ -68,7 +68,7 @@ def embedded_mooncake(spec: RunSpec) -> Iterator[RunSpec]:
         return
     import msgspec
 
-    from ..mooncake_processes import DEFAULT_SEGMENT, MooncakeHolder, MooncakeMaster
+    from specforge_common.mooncake_processes import DEFAULT_SEGMENT, MooncakeHolder, MooncakeMaster
 
     if parts.path not in ("", "/") or parts.fragment:
         raise ConfigError(f"store_uri {spec.store_uri!r}: use {MOONCAKE_AUTO}[?options]")
@@ -113,7 +113,7 @@ def spawn_services(
         child_env = env | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         with open(log_path, "wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "specforge_common.cli", *argv],
+                [sys.executable, "-m", "specforge_cli", *argv],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env,
             )  # fmt: skip
         services.append(Service(name, process, log_path))

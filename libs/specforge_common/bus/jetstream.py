@@ -1,4 +1,4 @@
-"""The control plane: typed records over NATS JetStream.
+"""The bus over NATS JetStream: the only module that touches nats-py.
 
 One connection per process. Producers publish with ``Nats-Msg-Id`` so a retried publish is a
 no-op; consumers pull with explicit acks so a crash means redelivery, never loss. Messages that
@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic
 
 import msgspec
 import nats
@@ -22,114 +21,24 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from .contracts import (
-    ContractError,
-    DeadLetter,
-    EndOfSplit,
-    PromptTask,
-    Record,
-    RunSpec,
-    SampleRef,
-    Split,
-    decode,
-    encode,
+from ..contracts import ContractError, PromptTask, Record, RunSpec, decode, encode
+from ..log import get_logger
+from ..subjects import RUNS_BUCKET, STREAM_KINDS, RunSubjects, StreamKind
+from .config import BusConfig
+from .protocol import (
+    BusError,
+    ConsumerLag,
+    OnUndecodable,
+    Published,
+    R,
+    RunSpecConflict,
+    StreamState,
 )
-from .log import get_logger
-from .subjects import RUNS_BUCKET, STREAM_KINDS, RunSubjects, StreamKind
+from .reads import BusReads, ConsumerReads, decode_or_report, given_up_reason
 
 log = get_logger(component="bus")
 
-R = TypeVar("R", bound=Record)
-
 STREAM_EXISTS_DIFFERENT = 10058  # JetStream err_code: stream name in use with another config
-
-
-def given_up_reason(deliveries: int) -> str:
-    return (f"delivered {deliveries} times and never settled (the worker crashed, hung or was "
-            "killed on it each time); JetStream stopped redelivering it")  # fmt: skip
-
-
-class BusError(RuntimeError):
-    pass
-
-
-class RunSpecConflict(BusError):
-    """A different RunSpec is already stored under this run id."""
-
-
-class BusConfig(msgspec.Struct, kw_only=True, frozen=True):
-    """How to reach NATS and how the run's streams behave. All fields have safe defaults."""
-
-    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
-    name: str = "specforge"
-    user: str | None = None
-    password: str | None = None
-    token: str | None = None
-    creds_file: str | None = None
-    tls_ca_file: str | None = None
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
-    tls_hostname: str | None = None
-    connect_timeout_s: float = 5.0
-    connect_attempts: int = 3  # per server, for the first connection
-    max_reconnect_attempts: int = -1  # after a connection was made; -1: keep trying forever
-    request_timeout_s: float = 10.0
-    storage: Literal["file", "memory"] = "file"
-    replicas: int = 1
-    duplicate_window_s: float = 3600.0
-    ack_wait_s: float = 60.0
-    max_deliver: int = 5
-    max_ack_pending: int = 1000
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        if not (self.tls_ca_file or self.tls_cert_file):
-            return None
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca_file or None
-        )
-        if self.tls_cert_file:
-            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
-        return context
-
-
-@dataclass(frozen=True)
-class Published:
-    stream: str
-    seq: int
-    duplicate: bool  # the server already had this Nats-Msg-Id within the duplicate window
-
-
-@dataclass(frozen=True)
-class Undecodable:
-    """A log message that is not a valid record (a foreign or broken producer wrote it)."""
-
-    seq: int
-    subject: str
-    data: bytes
-    error: ContractError
-
-
-OnUndecodable = Callable[[Undecodable], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class StreamState:
-    messages: int  # stored now (a work queue drops acked ones)
-    last_seq: int  # sequence of the newest message ever stored (0: none)
-
-
-@dataclass(frozen=True)
-class ConsumerLag:
-    num_pending: int  # in the stream, not yet delivered to this consumer
-    num_ack_pending: int  # delivered, not yet acked
-    num_redelivered: int
-    ack_floor: int = 0  # stream sequence up to which everything is settled
-    ack_wait_s: float = 0.0  # the consumer's settings (it may predate the caller)
-    max_deliver: int = 0
-
-    @property
-    def outstanding(self) -> int:
-        return self.num_pending + self.num_ack_pending
 
 
 def stream_sequence(msg: Msg) -> int:
@@ -141,12 +50,12 @@ def stream_sequence(msg: Msg) -> int:
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
 
 
-class Delivery(Generic[R]):
-    """One delivered record and the ways to settle it."""
+class JetStreamDelivery(Generic[R]):
+    """One delivered record and the ways to settle it (``protocol.Delivery``)."""
 
     __slots__ = ("record", "subject", "_msg", "_consumer")
 
-    def __init__(self, record: R, msg: Msg, consumer: WorkConsumer[R]) -> None:
+    def __init__(self, record: R, msg: Msg, consumer: JetStreamWorkConsumer[R]) -> None:
         self.record = record
         self.subject = msg.subject
         self._msg = msg
@@ -165,53 +74,28 @@ class Delivery(Generic[R]):
         await self._msg.ack()
 
     async def ack_sync(self) -> None:
-        """Ack and wait for the server to confirm it (before an irreversible next step)."""
         await self._msg.ack_sync()
 
     async def nak(self, delay: float | None = None) -> None:
-        """Give it back for redelivery, after ``delay`` seconds if set (transient failure)."""
         await self._msg.nak(delay=delay)
 
     async def in_progress(self) -> None:
-        """Reset the ack timer: still working on it."""
         await self._msg.in_progress()
 
     async def term(self) -> None:
-        """Never redeliver."""
         await self._msg.term()
 
     async def dead_letter(self, reason: str, service: str) -> None:
-        """Record why this can never succeed on the DLQ, then terminate it."""
-        await self._consumer.bus.dead_letter(
-            self._consumer.subjects, self._msg, reason, service=service
-        )
+        await self._consumer.dead_letter(self._msg, reason)
         await self._msg.term()
 
 
-class ConsumerReads:
-    """``messages`` and ``lag`` of both buses' work consumers, from their ``fetch``."""
-
-    async def messages(
-        self, batch: int = 100, timeout: float = 1.0, *, stop_when_idle: bool = False
-    ) -> AsyncIterator[Delivery[R]]:
-        """Deliveries forever (or until one fetch comes back empty with ``stop_when_idle``)."""
-        while True:
-            deliveries = await self.fetch(batch, timeout)
-            if not deliveries and stop_when_idle:
-                return
-            for delivery in deliveries:
-                yield delivery
-
-    async def lag(self) -> ConsumerLag:
-        return await self.bus.consumer_lag(self.subjects.run_id, self.kind, self.durable)
-
-
-class WorkConsumer(ConsumerReads, Generic[R]):
-    """A durable pull consumer shared by any number of workers (each message goes to one)."""
+class JetStreamWorkConsumer(ConsumerReads, Generic[R]):
+    """A durable pull consumer (``protocol.WorkConsumer``)."""
 
     def __init__(
         self,
-        bus: Bus,
+        bus: JetStreamBus,
         subjects: RunSubjects,
         kind: StreamKind,
         durable: str,
@@ -227,16 +111,13 @@ class WorkConsumer(ConsumerReads, Generic[R]):
         self.service = service
         self._sub = sub
 
-    async def fetch(self, batch: int = 100, timeout: float = 1.0) -> list[Delivery[R]]:
-        """Up to ``batch`` deliveries; an empty list when nothing arrived within ``timeout``.
-
-        Records that fail to decode are dead-lettered and terminated here, never returned.
-        """
+    async def fetch(self, batch: int = 100, timeout: float = 1.0) -> list[JetStreamDelivery[R]]:
+        """Up to ``batch`` deliveries; an empty list when nothing arrived within ``timeout``."""
         try:
             msgs = await self._sub.fetch(batch=batch, timeout=timeout)
         except asyncio.TimeoutError:  # nats-py raises its own subclass or the plain one
             return []
-        out: list[Delivery[R]] = []
+        out: list[JetStreamDelivery[R]] = []
         for msg in msgs:
             try:
                 record = decode(msg.data, self.record_type, subject=msg.subject)
@@ -244,11 +125,21 @@ class WorkConsumer(ConsumerReads, Generic[R]):
                 log.warning(
                     "undecodable message dead-lettered", subject=msg.subject, error=str(exc)
                 )
-                await self.bus.dead_letter(self.subjects, msg, str(exc), service=self.service)
+                await self.dead_letter(msg, str(exc))
                 await msg.term()
                 continue
-            out.append(Delivery(record, msg, self))
+            out.append(JetStreamDelivery(record, msg, self))
         return out
+
+    async def dead_letter(self, msg: Msg, reason: str) -> None:
+        try:
+            meta = msg.metadata
+            deliveries, seq = meta.num_delivered, meta.sequence.stream
+        except (nats.errors.NotJSMessageError, AttributeError, IndexError):
+            deliveries, seq = 0, None
+        await self.bus.dead_letter(self.subjects.run_id, msg.subject, msg.data, reason,
+                                   service=self.service, deliveries=deliveries,
+                                   seq=seq)  # fmt: skip
 
     async def close(self) -> None:
         # Unsubscribing first keeps a later drain from hanging on an expired fetch.
@@ -258,70 +149,8 @@ class WorkConsumer(ConsumerReads, Generic[R]):
             pass
 
 
-class BusReads:
-    """The reads both buses (``Bus``, ``LocalBus``) derive from their own primitives
-    (``read_log``, ``last_entry``, ``stream_state``, ``get_record``): written once, so the
-    two behave the same by construction."""
-
-    async def stream_depth(self, run_id: str, kind: StreamKind) -> int:
-        return (await self.stream_state(run_id, kind)).messages
-
-    async def replay(
-        self,
-        run_id: str,
-        split: Split,
-        start_seq: int = 1,
-        *,
-        follow: bool = False,
-        idle_timeout: float = 5.0,
-        undecodable: OnUndecodable | None = None,
-    ) -> AsyncIterator[tuple[int, SampleRef | EndOfSplit]]:
-        """``(stream sequence, record)`` of a split's samples log in order, from ``start_seq``.
-
-        Without ``follow`` it stops at the last message present when called; with ``follow`` it
-        keeps waiting for new ones. Nothing is acked or consumed: replay leaves no trace. A
-        message that does not decode raises ``ContractError``, or is handed to ``undecodable``
-        and skipped (a reader that must not stop on one bad record).
-        """
-        subjects = RunSubjects(run_id)
-        async for item in self.read_log(
-            subjects.stream("samples"), subjects.samples(split), SampleRef | EndOfSplit,
-            start_seq, follow=follow, idle_timeout=idle_timeout, undecodable=undecodable,
-        ):  # fmt: skip
-            yield item
-
-    async def records(
-        self, run_id: str, kind: StreamKind, record_type: Any
-    ) -> AsyncIterator[tuple[int, Any]]:
-        """Every record of a run stream (checkpoints, evals, dlq) in order, as of now."""
-        subjects = RunSubjects(run_id)
-        stream = subjects.stream(kind)
-        async for item in self.read_log(stream, subjects.stream_subjects(kind)[0], record_type):
-            yield item
-
-    async def last_record(self, run_id: str, kind: StreamKind, record_type: Any) -> Any | None:
-        """The newest record of a run stream, or None (for status displays)."""
-        last = await self.last_entry(run_id, kind, record_type)
-        return None if last is None else last[1]
-
-    async def get_run_spec(self, run_id: str) -> RunSpec | None:
-        return await self.get_record(run_id, RunSpec)
-
-    async def wait_for_record(
-        self, key: str, record_type: Any, *, timeout: float | None = None, poll: float = 0.5
-    ) -> Any:
-        """The record at ``key``, waiting until someone writes it (services start in any order)."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while (record := await self.get_record(key, record_type)) is None:
-            if deadline is not None and loop.time() > deadline:
-                raise BusError(f"nothing was written at KV key {key!r} within {timeout}s")
-            await asyncio.sleep(poll)
-        return record
-
-
-class Bus(BusReads):
-    """A JetStream connection with typed publish, consume, replay and run-spec storage."""
+class JetStreamBus(BusReads):
+    """A JetStream connection (``protocol.Bus``)."""
 
     def __init__(self, nc: nats.NATS, config: BusConfig) -> None:
         self.nc = nc
@@ -331,7 +160,7 @@ class Bus(BusReads):
         self._state = _ConnectionState()
 
     @classmethod
-    async def connect(cls, config: BusConfig | None = None) -> Bus:
+    async def connect(cls, config: BusConfig | None = None) -> JetStreamBus:
         config = config or BusConfig()
         state = _ConnectionState()
         kwargs: dict[str, Any] = {
@@ -371,7 +200,7 @@ class Bus(BusReads):
         if not self.nc.is_closed:
             await self.nc.close()
 
-    async def __aenter__(self) -> Bus:
+    async def __aenter__(self) -> JetStreamBus:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -417,8 +246,12 @@ class Bus(BusReads):
                 pass
 
     async def stream_state(self, run_id: str, kind: StreamKind) -> StreamState:
-        info = await self.js.stream_info(RunSubjects(run_id).stream(kind))
-        return StreamState(int(info.state.messages), int(info.state.last_seq or 0))
+        stream = RunSubjects(run_id).stream(kind)
+        with _as_bus_error(f"stream {stream}"):
+            state = (await self.js.stream_info(stream)).state
+        return StreamState(messages=int(state.messages), last_seq=int(state.last_seq or 0),
+                           first_seq=int(state.first_seq or 0),
+                           bytes=int(state.bytes or 0))  # fmt: skip
 
     async def flush(self) -> None:
         """Wait until everything sent (acks are fire-and-forget) reached the server."""
@@ -446,26 +279,6 @@ class Bus(BusReads):
                 raise BusError(f"publish was not acknowledged: {ack!r}")
         return [Published(a.stream, a.seq, bool(a.duplicate)) for a in acks]
 
-    async def dead_letter(
-        self, subjects: RunSubjects, msg: Msg, reason: str, *, service: str
-    ) -> Published:
-        try:
-            meta = msg.metadata
-            deliveries, seq = meta.num_delivered, meta.sequence.stream
-        except (nats.errors.NotJSMessageError, AttributeError, IndexError):
-            deliveries, seq = 0, None
-        letter = DeadLetter(
-            subject=msg.subject,
-            reason=reason,
-            payload=bytes(msg.data),
-            service=service,
-            run_id=subjects.run_id,
-            deliveries=deliveries,
-            stream_sequence=seq,
-        )
-        msg_id = f"dlq:{msg.subject}:{seq}" if seq is not None else None
-        return await self.publish(subjects.dlq, letter, msg_id)
-
     # --- consuming -------------------------------------------------------------------------
 
     async def work_consumer(
@@ -479,7 +292,7 @@ class Bus(BusReads):
         filter_subject: str | None = None,
         ack_wait_s: float | None = None,
         max_deliver: int | None = None,
-    ) -> WorkConsumer[Any]:
+    ) -> JetStreamWorkConsumer[Any]:
         """Bind to (creating if needed) the durable pull consumer ``durable`` on a run stream."""
         subjects = RunSubjects(run_id)
         config = api.ConsumerConfig(
@@ -496,7 +309,7 @@ class Bus(BusReads):
             stream=subjects.stream(kind),
             config=config,
         )
-        return WorkConsumer(self, subjects, kind, durable, record_type, sub, service)
+        return JetStreamWorkConsumer(self, subjects, kind, durable, record_type, sub, service)
 
     async def given_up(
         self, run_id: str, kind: StreamKind, durable: str
@@ -547,11 +360,8 @@ class Bus(BusReads):
             msg = await self.js.get_msg(stream, seq)
         except nats.js.errors.NotFoundError:
             return False
-        letter = DeadLetter(subject=msg.subject, reason=given_up_reason(deliveries),
-                            payload=bytes(msg.data or b""),
-                            service=service, run_id=run_id, deliveries=deliveries,
-                            stream_sequence=seq)  # fmt: skip
-        await self.publish(subjects.dlq, letter, f"dlq:{msg.subject}:{seq}")
+        await self.dead_letter(run_id, msg.subject, msg.data or b"", given_up_reason(deliveries),
+                               service=service, deliveries=deliveries, seq=seq)  # fmt: skip
         try:
             await self.js.delete_msg(stream, seq)
         except nats.js.errors.NotFoundError:
@@ -559,7 +369,9 @@ class Bus(BusReads):
         return True
 
     async def consumer_lag(self, run_id: str, kind: StreamKind, durable: str) -> ConsumerLag:
-        info = await self.js.consumer_info(RunSubjects(run_id).stream(kind), durable)
+        stream = RunSubjects(run_id).stream(kind)
+        with _as_bus_error(f"consumer {durable} of {stream}"):
+            info = await self.js.consumer_info(stream, durable)
         return ConsumerLag(
             num_pending=info.num_pending or 0,
             num_ack_pending=info.num_ack_pending or 0,
@@ -568,6 +380,12 @@ class Bus(BusReads):
             ack_wait_s=float(info.config.ack_wait or 0.0),
             max_deliver=int(info.config.max_deliver or 0),
         )
+
+    async def consumers(self, run_id: str, kind: StreamKind) -> list[str]:
+        stream = RunSubjects(run_id).stream(kind)
+        with _as_bus_error(f"consumers of {stream}"):
+            infos = await self.js.consumers_info(stream)
+        return sorted(info.name for info in infos if info.config.durable_name)
 
     async def read_log(
         self,
@@ -728,18 +546,15 @@ class Bus(BusReads):
         return spec
 
 
-async def decode_or_report(
-    seq: int, subject: str, data: bytes, record_type: Any, undecodable: OnUndecodable | None
-) -> Any | None:
-    """The record, or None after handing an undecodable message to ``undecodable`` (which,
-    when not given, means the ``ContractError`` propagates)."""
+@contextlib.contextmanager
+def _as_bus_error(what: str) -> Iterator[None]:
+    """A server-side failure of a read the caller can live without, as ``BusError``."""
     try:
-        return decode(data, record_type, subject=subject)
-    except ContractError as exc:
-        if undecodable is None:
-            raise
-        await undecodable(Undecodable(seq, subject, bytes(data), exc))
-        return None
+        yield
+    except nats.js.errors.NotFoundError:
+        raise BusError(f"{what} not found") from None
+    except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        raise BusError(f"cannot read {what}: {exc!r}") from exc
 
 
 async def _log_error(exc: Exception) -> None:

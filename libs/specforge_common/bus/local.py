@@ -1,4 +1,4 @@
-"""An in-process bus: the ``Bus`` API over memory, for single-process (colocated) runs and tests.
+"""An in-process bus: the ``Bus`` protocol over memory, for single-process (colocated) runs.
 
 The services take a bus object and call its methods; they never see NATS itself. ``LocalBus``
 implements the same methods with the same semantics on plain Python data, so one process can
@@ -29,31 +29,20 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic
 
-from .bus import (
-    BusConfig,
+from ..contracts import ContractError, PromptTask, Record, RunSpec, decode, encode
+from ..log import get_logger
+from ..subjects import STREAM_KINDS, RunSubjects, StreamKind
+from .config import BusConfig
+from .protocol import (
     BusError,
-    BusReads,
     ConsumerLag,
-    ConsumerReads,
     OnUndecodable,
     Published,
     R,
     RunSpecConflict,
     StreamState,
-    decode_or_report,
-    given_up_reason,
 )
-from .contracts import (
-    ContractError,
-    DeadLetter,
-    PromptTask,
-    Record,
-    RunSpec,
-    decode,
-    encode,
-)
-from .log import get_logger
-from .subjects import STREAM_KINDS, RunSubjects, StreamKind
+from .reads import BusReads, ConsumerReads, decode_or_report, given_up_reason
 
 log = get_logger(component="local-bus")
 
@@ -133,7 +122,7 @@ class _Consumer:
 
 
 class LocalDelivery(Generic[R]):
-    """One delivered record and the ways to settle it (``bus.Delivery``'s API)."""
+    """One delivered record and the ways to settle it (``protocol.Delivery``)."""
 
     __slots__ = ("record", "subject", "stream_seq", "deliveries", "_consumer", "_bus", "_data")
 
@@ -175,15 +164,15 @@ class LocalDelivery(Generic[R]):
         self._bus._notify()
 
     async def dead_letter(self, reason: str, service: str) -> None:
-        await self._bus._dead_letter(
-            self._consumer.subjects, self.subject, self._data, reason, service=service,
+        await self._bus.dead_letter(
+            self._consumer.subjects.run_id, self.subject, self._data, reason, service=service,
             deliveries=self.deliveries, seq=self.stream_seq,
         )  # fmt: skip
         await self.term()
 
 
 class LocalWorkConsumer(ConsumerReads, Generic[R]):
-    """A durable work consumer (``bus.WorkConsumer``'s API); every binding shares its state."""
+    """A durable work consumer (``protocol.WorkConsumer``); every binding shares its state."""
 
     def __init__(
         self,
@@ -254,9 +243,9 @@ class LocalWorkConsumer(ConsumerReads, Generic[R]):
             except ContractError as exc:
                 log.warning("undecodable message dead-lettered", subject=message.subject,
                             error=str(exc))  # fmt: skip
-                await self.bus._dead_letter(
-                    self.subjects, message.subject, message.data, str(exc), service=self.service,
-                    deliveries=deliveries, seq=message.seq,
+                await self.bus.dead_letter(
+                    self.subjects.run_id, message.subject, message.data, str(exc),
+                    service=self.service, deliveries=deliveries, seq=message.seq,
                 )  # fmt: skip
                 self.state.settle(message.seq)
                 continue
@@ -268,7 +257,7 @@ class LocalWorkConsumer(ConsumerReads, Generic[R]):
 
 
 class LocalBus(BusReads):
-    """``Bus`` without a broker: one process, memory only; see the module doc."""
+    """A ``Bus`` without a broker: one process, memory only; see the module doc."""
 
     def __init__(self, config: BusConfig | None = None) -> None:
         self.config = config or BusConfig(name="local")
@@ -344,7 +333,14 @@ class LocalBus(BusReads):
 
     async def stream_state(self, run_id: str, kind: StreamKind) -> StreamState:
         stream = self._stream(run_id, kind)
-        return StreamState(len(stream.messages), stream.last_seq)
+        first = next(iter(stream.messages), stream.last_seq + 1)
+        return StreamState(messages=len(stream.messages), last_seq=stream.last_seq,
+                           first_seq=first,
+                           bytes=sum(len(m.data) for m in stream.messages.values()))  # fmt: skip
+
+    async def consumers(self, run_id: str, kind: StreamKind) -> list[str]:
+        name = self._stream(run_id, kind).name
+        return sorted(durable for stream, durable in self._consumers if stream == name)
 
     # --- publishing ------------------------------------------------------------------------
 
@@ -381,16 +377,6 @@ class LocalBus(BusReads):
         published = [self._append(*item) for item in encoded]
         self._notify()
         return published
-
-    async def _dead_letter(
-        self, subjects: RunSubjects, subject: str, data: bytes, reason: str, *, service: str,
-        deliveries: int, seq: int | None,
-    ) -> Published:  # fmt: skip
-        letter = DeadLetter(subject=subject, reason=reason, payload=bytes(data), service=service,
-                            run_id=subjects.run_id, deliveries=deliveries,
-                            stream_sequence=seq)  # fmt: skip
-        msg_id = f"dlq:{subject}:{seq}" if seq is not None else None
-        return await self.publish(subjects.dlq, letter, msg_id)
 
     # --- consuming -------------------------------------------------------------------------
 
@@ -443,8 +429,8 @@ class LocalBus(BusReads):
         if message is None:
             return False
         reason = given_up_reason(deliveries)
-        await self._dead_letter(RunSubjects(run_id), message.subject, message.data, reason,
-                                service=service, deliveries=deliveries, seq=seq)  # fmt: skip
+        await self.dead_letter(run_id, message.subject, message.data, reason,
+                               service=service, deliveries=deliveries, seq=seq)  # fmt: skip
         return True
 
     async def consumer_lag(self, run_id: str, kind: StreamKind, durable: str) -> ConsumerLag:

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import sys
 
-    from ..targets.smollm2 import prepare_smollm2
+    from specforge_common.targets.smollm2 import prepare_smollm2
 
     try:
         path = prepare_smollm2(args.dir, force=args.force)

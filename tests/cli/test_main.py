@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SPECFORGE = [sys.executable, "-m", "specforge_common.cli"]
+SPECFORGE = [sys.executable, "-m", "specforge_cli"]
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

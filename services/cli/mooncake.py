@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..log import get_logger
-    from ..mooncake_processes import MooncakeHolder, MooncakeMaster
+    from specforge_common.log import get_logger
+    from specforge_common.mooncake_processes import MooncakeHolder, MooncakeMaster
 
     role = getattr(args, "command", None) or args.mooncake_role
     log = get_logger(command=role)

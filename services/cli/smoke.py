@@ -36,11 +36,11 @@ def main(args: argparse.Namespace) -> int:
 async def _smoke(args: argparse.Namespace, workdir: Path) -> int:
     import torch
 
-    from ..bus import Bus, BusConfig
-    from ..contracts import EndOfSplit, RunSpec, SampleRef, TargetSpec
-    from ..featurestore import open_store
-    from ..log import get_logger
-    from ..nats_server import NatsServer
+    from specforge_common.bus import BusConfig, open_bus
+    from specforge_common.contracts import EndOfSplit, RunSpec, SampleRef, TargetSpec
+    from specforge_common.featurestore import open_store
+    from specforge_common.log import get_logger
+    from specforge_common.nats_server import NatsServer
 
     run_id = f"smoke-{int(time.time())}"
     log = get_logger(command="smoke", run=run_id)
@@ -49,7 +49,7 @@ async def _smoke(args: argparse.Namespace, workdir: Path) -> int:
 
     with NatsServer(store_dir=workdir / "jetstream") as server:
         log.info("embedded nats-server up", url=server.url)
-        async with await Bus.connect(BusConfig(servers=(server.url,), name="smoke")) as bus:
+        async with await open_bus(BusConfig(servers=(server.url,), name="smoke")) as bus:
             subjects = await bus.ensure_streams(run_id)
             spec = await bus.put_run_spec(
                 RunSpec(

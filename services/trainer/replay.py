@@ -13,10 +13,11 @@ import argparse
 import asyncio
 import sys
 
+from .command import add_arguments as add_train_arguments
+from .command import run_trainer
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from specforge_trainer.command import add_arguments as add_train_arguments
-
     parser.add_argument("--from-run", required=True, help="the run whose samples to replay")
     parser.add_argument(
         "--set",
@@ -32,30 +33,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..log import configure_logging
+    from specforge_common.log import configure_logging
 
     configure_logging("json")
     code = asyncio.run(_store_spec(args))
     if code != 0 or args.spec_only:
         return code
-    from specforge_trainer.command import _train
-
-    return asyncio.run(_train(args))
+    return asyncio.run(run_trainer(args))
 
 
 async def _store_spec(args: argparse.Namespace) -> int:
     import msgspec
 
-    from ..bus import Bus, BusError, RunSpecConflict
-    from ..config import ConfigError, build_run_spec
-    from ..log import get_logger
+    from specforge_common.bus import BusError, RunSpecConflict, bus_config_from_args, open_bus
+    from specforge_common.config import ConfigError, build_run_spec
+    from specforge_common.log import get_logger
 
     log = get_logger(service="replay", run=args.run, data_run=args.from_run)
     if args.from_run == args.run:
         print("specforge replay: --from-run and --run must differ", file=sys.stderr)
         return 2
     try:
-        bus = await Bus.connect(bus_config(args))
+        bus = await open_bus(bus_config_from_args(args, f"specforge-replay-{args.run}"))
     except BusError as exc:
         print(f"specforge replay: {exc}", file=sys.stderr)
         return 1
@@ -85,9 +84,3 @@ async def _store_spec(args: argparse.Namespace) -> int:
                  overrides=list(args.set))  # fmt: skip
         print(f"run {args.run}: spec {spec.spec_hash()} replays the samples of {spec.data_run}")
     return 0
-
-
-def bus_config(args: argparse.Namespace):
-    from ..cli import bus_config_from_args
-
-    return bus_config_from_args(args, f"specforge-replay-{args.run}")

@@ -18,7 +18,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cli import add_bus_arguments
+from specforge_common.bus import add_bus_arguments, open_bus
 
 
 class SweepRefused(RuntimeError):
@@ -52,7 +52,7 @@ class SweepReport:
 
 async def unfinished_reason(bus: Any, run_id: str) -> str | None:
     """Why ``run_id`` is not finished yet, or None when it is (final checkpoint evaluated)."""
-    from ..contracts import CheckpointEvent, EvalResult
+    from specforge_common.contracts import CheckpointEvent, EvalResult
 
     if await bus.get_run_spec(run_id) is None:
         return f"run {run_id!r} has no run spec on this bus"
@@ -70,8 +70,8 @@ async def sweep_run(bus: Any, run_id: str, store: Any, *, force: bool = False) -
     """Delete the run's features from ``store``; SweepRefused if unfinished and not ``force``."""
     import asyncio
 
-    from ..contracts import EndOfSplit, EnqueueSummary, SampleRef
-    from ..subjects import RunSubjects, enqueue_key
+    from specforge_common.contracts import EndOfSplit, EnqueueSummary, SampleRef
+    from specforge_common.subjects import RunSubjects, enqueue_key
 
     reason = await unfinished_reason(bus, run_id)
     if reason is not None and not force:
@@ -93,7 +93,7 @@ async def sweep_run(bus: Any, run_id: str, store: Any, *, force: bool = False) -
 
 def _delete_all(store: Any, refs: list[Any], vocab_map: Any, report: SweepReport) -> None:
     """Worker thread: delete every sample (then the vocab map), counting what happened."""
-    from ..featurestore import FeatureStoreError
+    from specforge_common.featurestore import FeatureStoreError
 
     def delete(location: Any) -> str:
         try:
@@ -134,11 +134,10 @@ def main(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace) -> int:
     import sys
 
-    from ..bus import Bus
-    from ..cli import bus_config_from_args
-    from ..featurestore import open_store
+    from specforge_common.bus import bus_config_from_args
+    from specforge_common.featurestore import open_store
 
-    async with await Bus.connect(bus_config_from_args(args, "specforge-sweep")) as bus:
+    async with await open_bus(bus_config_from_args(args, "specforge-sweep")) as bus:
         spec = await bus.get_run_spec(args.run)
         if spec is None:
             print(f"specforge sweep: run {args.run!r} has no run spec on this bus", file=sys.stderr)

@@ -1,1 +1,0 @@
-"""Subcommands of ``specforge`` that belong to no single service."""

@@ -35,6 +35,8 @@ from specforge_common.contracts import TrainerProgress
 from specforge_common.log import get_logger
 from specforge_common.subjects import progress_prefix
 
+from .names import SERVICE
+
 
 async def trainer_progress(bus: Bus, run_id: str) -> dict[int, TrainerProgress]:
     """Every rank's latest ``TrainerProgress`` of ``run_id`` (empty when none reported yet)."""
@@ -74,7 +76,7 @@ class BackpressureGate:
     ) -> None:
         self.bus = bus
         self.run_id = run_id
-        self.log = log or get_logger(service="capture", run=run_id)
+        self.log = log or get_logger(service=SERVICE, run=run_id)
         self.high_water, self.low_water = high_water, self._low("samples", high_water, low_water)
         self.store = store
         self.high_water_bytes = high_water_bytes

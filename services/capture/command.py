@@ -14,6 +14,8 @@ import asyncio
 
 from specforge_common.bus import add_bus_arguments, bus_config_from_args, open_bus
 
+from .names import SERVICE
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -59,7 +61,7 @@ async def _main(args: argparse.Namespace) -> int:
 
     configure_logging("json")
     producer = args.producer_id or f"capture-{socket.gethostname()}-{os.getpid()}"
-    bind_context(service="capture", run=args.run, producer=producer)
+    bind_context(service=SERVICE, run=args.run, producer=producer)
     log = get_logger()
 
     stop = asyncio.Event()

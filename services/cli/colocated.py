@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 from pathlib import Path
-from typing import Any
 
 from specforge_common.contracts import RunSpec
 from specforge_common.log import get_logger
@@ -22,7 +21,6 @@ log = get_logger(command="run", mode="colocated")
 
 
 async def run_colocated(args: argparse.Namespace, spec: RunSpec, workdir: Path) -> int:
-
     from specforge_capture.worker import CaptureWorker
     from specforge_common.bus import LocalBus
     from specforge_common.data.enqueue import enqueue
@@ -31,7 +29,7 @@ async def run_colocated(args: argparse.Namespace, spec: RunSpec, workdir: Path) 
     from specforge_evaluator.service import Evaluator
     from specforge_trainer.loop import Trainer
 
-    from .run_support import RunWatcher
+    from .watch import RunWatcher, TaskService
 
     device = args.device
     async with LocalBus() as bus:
@@ -42,42 +40,17 @@ async def run_colocated(args: argparse.Namespace, spec: RunSpec, workdir: Path) 
                  skipped=len(report.skipped), duplicates=report.duplicates)  # fmt: skip
         store = open_store(spec.store_uri)
         engine = await asyncio.to_thread(HFTargetEngine.for_run, spec, device=device)
-        services = {
-            "capture": CaptureWorker(
-                bus, spec, engine, store, producer_id="capture-0", exit_when_done=True
-            ).run(),  # fmt: skip
+        jobs = {
+            "capture": CaptureWorker(bus, spec, engine, store, producer_id="capture-0",
+                                     exit_when_done=True).run(),
             "trainer": Trainer(bus, spec.run_id, device=device).run(),
-            "evaluator": Evaluator(
-                bus, spec, store, device=device, exit_when_final=True
-            ).run(),  # fmt: skip
-        }
-        tasks = {asyncio.create_task(c, name=name): name for name, c in services.items()}
-        watcher = RunWatcher(bus, spec, [])
-        ok = await _watch(tasks, watcher)
-        await watcher.read_evals()
+            "evaluator": Evaluator(bus, spec, store, device=device, exit_when_final=True).run(),
+        }  # fmt: skip
+        services = [TaskService(name, asyncio.create_task(job, name=name))
+                    for name, job in jobs.items()]  # fmt: skip
+        watcher = RunWatcher(bus, spec, services, poll_s=0.5)
+        ok = await watcher.watch()
         await watcher.write_report()
         watcher.print_summary(workdir)
         store.close()
         return 0 if ok and watcher.lossless else 1
-
-
-async def _watch(tasks: dict[asyncio.Task, str], watcher: Any) -> bool:
-    """Progress lines until every service returned; on the first failure cancel the rest."""
-    pending = set(tasks)
-    last_line = ""
-    while pending:
-        done, pending = await asyncio.wait(pending, timeout=watcher.poll_s,
-                                           return_when=asyncio.FIRST_EXCEPTION)  # fmt: skip
-        failed = [t for t in done if not t.cancelled() and t.exception() is not None]
-        if failed:
-            for task in failed:
-                log.error("service failed", service=tasks[task], error=repr(task.exception()))
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            return False
-        line = await watcher.status_line()
-        if line != last_line:
-            log.info(line)
-            last_line = line
-    return True

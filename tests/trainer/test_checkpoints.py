@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from specforge_common.contracts import EvalResult
+from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
 from specforge_trainer.checkpoints import (
     BEST_META_NAME,
     BEST_NAME,
+    LATEST_NAME,
     CheckpointManager,
     SavedCheckpoint,
     sha256_file,
@@ -62,11 +64,7 @@ def test_best_is_the_highest_acceptance_with_ties_to_the_earlier_step(
     assert meta["step"] == 1
     assert meta["simulated_acceptance_length"] == 1.5
     assert meta["acceptance_rates"] == [0.5, 0.25]
-    assert (
-        meta["checkpoint_sha256"]
-        == saved[1].sha256
-        == sha256_file(saved[1].path / "model.safetensors")
-    )
+    assert meta["checkpoint_sha256"] == saved[1].sha256 == sha256_file(saved[1].path / WEIGHTS_NAME)
     assert manager.best_meta() == meta
     assert hidden_files(manager.root) == []  # no temp files left behind
 
@@ -143,5 +141,5 @@ def test_leftover_temp_files_of_a_crashed_write_are_removed(
     assert hidden_files(root) == []
     saved = save_steps(manager, draft, [0])
     assert manager.update_best([result(saved[0], 0.0)]) == saved[0].path
-    assert sorted(p.name for p in root.iterdir()) == [BEST_NAME, BEST_META_NAME, "latest",
+    assert sorted(p.name for p in root.iterdir()) == [BEST_NAME, BEST_META_NAME, LATEST_NAME,
                                                       "step-00000000"]  # fmt: skip

@@ -19,9 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 from specforge_common.bus import Bus, LocalBus
+from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
 from specforge_common.featurestore import open_store
+from specforge_common.step_log import trained_samples_path
 from specforge_common.targets import make_tiny_target
-from specforge_trainer.loop import Trainer, trained_samples_path
+from specforge_trainer.loop import Trainer
 from tests.mooncake_support import mooncake_master, mooncake_uri  # noqa: F401 - fixture
 from tests.support import seed_captured_run, tiny_run_spec
 from tests.trainer import train_spec
@@ -47,7 +49,7 @@ async def train_three_steps(bus, spec):
         entry = json.loads(line)
         tensors = [store.get(location_of[s]) for s in entry["samples"]]
         steps.append(([prompt_of[s] for s in entry["samples"]], tensors))
-    weights = load_file(result.final.path / "model.safetensors")
+    weights = load_file(result.final.path / WEIGHTS_NAME)
     return result, steps, weights
 
 
@@ -88,5 +90,5 @@ async def test_in_process_and_service_paths_train_the_same_draft(
     assert service_weights.keys() == colocated_weights.keys()
     assert all(torch.equal(service_weights[k], colocated_weights[k]) for k in service_weights)
     # and training did something: the weights moved away from the step-0 draft
-    step0 = load_file(service.checkpoints[0].path / "model.safetensors")
+    step0 = load_file(service.checkpoints[0].path / WEIGHTS_NAME)
     assert any(not torch.equal(step0[k], service_weights[k]) for k in step0)

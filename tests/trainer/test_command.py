@@ -14,6 +14,7 @@ import pytest
 
 from specforge_common.bus import Bus
 from specforge_common.contracts import TrainerProgress
+from specforge_common.eagle3.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from specforge_common.subjects import progress_key
 from specforge_common.targets import make_tiny_target
 from tests.support import seed_captured_run, tiny_run_spec
@@ -50,7 +51,7 @@ async def test_train_runs_to_the_end_of_data_and_prints_the_final_draft(
     assert proc.returncode == 0, err
     final = tmp_path / "runs" / run_id / "checkpoints" / "step-00000006"
     assert f"final draft: {final}" in out
-    assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+    assert (final / WEIGHTS_NAME).is_file() and (final / CONFIG_NAME).is_file()
     logs = json_lines(err)
     steps = [line for line in logs if line.get("event") == "train"]
     assert [line["step"] for line in steps] == [2, 4, 6]
@@ -87,6 +88,6 @@ async def test_sigterm_checkpoints_the_current_step_and_exits_0(
     assert proc.returncode == 0, stderr.decode()
     step_dir = tmp_path / "runs" / run_id / "checkpoints" / "step-00000003"
     assert f"stopped at step 3; checkpoint: {step_dir}" in stdout.decode()
-    assert (step_dir / "model.safetensors").is_file()
+    assert (step_dir / WEIGHTS_NAME).is_file()
     progress = await bus.get_record(progress_key(run_id, 0), TrainerProgress)
     assert not progress.done and progress.step == 3

@@ -13,9 +13,10 @@ import pytest
 from specforge_common.bus import Bus
 from specforge_common.contracts import EndOfSplit, EnqueueSummary, TrainerProgress
 from specforge_common.featurestore import open_store
+from specforge_common.step_log import trained_samples_path
 from specforge_common.subjects import RunSubjects, enqueue_key, progress_key
 from specforge_common.targets import make_tiny_target
-from specforge_trainer.loop import Trainer, TrainerError, trained_samples_path
+from specforge_trainer.loop import Trainer, TrainerError
 from tests.mooncake_support import mooncake_master, mooncake_uri  # noqa: F401 - fixture
 from tests.support import seed_captured_run, tiny_run_spec
 from tests.trainer import drop_end_markers, train_spec

@@ -16,9 +16,12 @@ from safetensors.torch import load_file
 
 from specforge_common.bus import Bus, BusConfig, open_bus
 from specforge_common.contracts import CheckpointEvent, TrainerProgress
+from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.step_log import read_step_log, trained_samples_path
 from specforge_common.subjects import progress_key
 from specforge_common.targets import make_tiny_target
-from specforge_trainer.loop import Trainer, read_trained_samples, trained_samples_path
+from specforge_trainer.checkpoints import LATEST_NAME, STATE_NAME
+from specforge_trainer.loop import Trainer
 from tests.support import seed_captured_run, tiny_run_spec
 from tests.trainer import UpdateRecorder, assert_same_training, stream_records, train_spec
 
@@ -48,15 +51,15 @@ async def _rank_async(
                           resume=resume, parallel=parallel)  # fmt: skip
         await trainer.setup()
         assert dist.get_backend() == "gloo"
-        assert (trainer.ddp is None) == trainer.fsdp == (parallel == "fsdp")
+        assert (trainer.parts.ddp is None) == trainer.parts.fsdp == (parallel == "fsdp")
         calls = [0]
 
         def counting_hook(state, bucket):  # every gradient all-reduce goes through here
             calls[0] += 1
             return default_hooks.allreduce_hook(state, bucket)
 
-        if trainer.ddp is not None:
-            trainer.ddp.register_comm_hook(None, counting_hook)
+        if trainer.parts.ddp is not None:
+            trainer.parts.ddp.register_comm_hook(None, counting_hook)
         recorder = UpdateRecorder(trainer)
         result = await trainer.run()
         dist.destroy_process_group()
@@ -139,10 +142,10 @@ async def test_two_ranks_match_single_rank_training_with_one_allreduce_per_step(
     result = await trainer.run()
     assert result.step == 2 and result.final is not None
     assert [h["loss"] for h in result.history] == pytest.approx(reports[0]["loss"], rel=1e-6)
-    ddp_weights, single_weights = load_file(final / "model.safetensors"), load_file(
-        result.final.path / "model.safetensors")  # fmt: skip
+    ddp_weights, single_weights = load_file(final / WEIGHTS_NAME), load_file(
+        result.final.path / WEIGHTS_NAME)  # fmt: skip
     assert ddp_weights.keys() == single_weights.keys()
-    initial = load_file(final.parent / "step-00000000" / "model.safetensors")
+    initial = load_file(final.parent / "step-00000000" / WEIGHTS_NAME)
     assert_same_training(
         initial,
         (ddp_weights, single_weights),
@@ -173,31 +176,31 @@ async def test_ranks_shard_the_split_disjointly_and_take_equal_steps(
     assert [r["allreduces"] for r in reports] == [2, 2]
     trained = []
     for rank in range(WORLD):
-        entries = read_trained_samples(trained_samples_path(spec.output_dir, run_id, rank))
+        entries = read_step_log(trained_samples_path(spec.output_dir, run_id, rank))
         assert [e["step"] for e in entries] == [1, 2]
         trained.append([s for e in entries for s in e["samples"]])
     split = [r.sample_id for r in refs["train"]]
     assert trained[0] == split[0::2] and trained[1] == split[1::2]
     assert sorted(trained[0] + trained[1]) == sorted(split)
     assert not set(trained[0]) & set(trained[1])
-    state = json.loads((Path(reports[0]["final"]) / "trainer_state.json").read_text())
+    state = json.loads((Path(reports[0]["final"]) / STATE_NAME).read_text())
     assert state["world_size"] == WORLD and state["samples_consumed"] == 5
     assert state["samples_consumed_by_rank"] == {"0": 3, "1": 2}
     assert set(state["last_sequence_by_rank"]) == {"0", "1"}
 
     # Exact resume of both ranks from step 1 (each from its own position in the checkpoint).
     final = Path(reports[0]["final"])
-    weights = load_file(final / "model.safetensors")
-    logs = [read_trained_samples(trained_samples_path(spec.output_dir, run_id, r))
+    weights = load_file(final / WEIGHTS_NAME)
+    logs = [read_step_log(trained_samples_path(spec.output_dir, run_id, r))
             for r in range(WORLD)]  # fmt: skip
     shutil.rmtree(final)
-    (final.parent / "latest").write_text("step-00000001\n")
+    (final.parent / LATEST_NAME).write_text("step-00000001\n")
     resumed = await asyncio.to_thread(run_two_ranks, nats_server.url, run_id, tmp_path, True)
     assert [r["resumed_from"] for r in resumed] == [1, 1]
     assert [r["step"] for r in resumed] == [2, 2] and resumed[0]["final"] == str(final)
-    again = load_file(final / "model.safetensors")
+    again = load_file(final / WEIGHTS_NAME)
     assert all(torch.equal(weights[k], again[k]) for k in weights)
-    assert logs == [read_trained_samples(trained_samples_path(spec.output_dir, run_id, r))
+    assert logs == [read_step_log(trained_samples_path(spec.output_dir, run_id, r))
                     for r in range(WORLD)]  # fmt: skip
 
 
@@ -241,29 +244,29 @@ async def test_fsdp_trains_like_ddp_and_resumes_exactly(
                                    "fsdp")  # fmt: skip
     assert [r["step"] for r in fsdp] == [2, 2] and [r["samples"] for r in fsdp] == [8, 8]
     final = Path(fsdp[0]["final"])
-    state = json.loads((final / "trainer_state.json").read_text())
+    state = json.loads((final / STATE_NAME).read_text())
     assert state["parallel"] == "fsdp" and state["world_size"] == WORLD
-    fsdp_weights = load_file(final / "model.safetensors")
+    fsdp_weights = load_file(final / WEIGHTS_NAME)
 
     ddp_id = f"{run_id}-ddp"
     await bus.ensure_streams(ddp_id)
     await bus.put_run_spec(tiny_run_spec(ddp_id, target, tmp_path, train=train, data_run=run_id))
     ddp = await asyncio.to_thread(run_two_ranks, nats_server.url, ddp_id, tmp_path)
-    ddp_weights = load_file(Path(ddp[0]["final"]) / "model.safetensors")
+    ddp_weights = load_file(Path(ddp[0]["final"]) / WEIGHTS_NAME)
     assert fsdp_weights.keys() == ddp_weights.keys()
     for key, value in fsdp_weights.items():
         assert value.shape == ddp_weights[key].shape, key  # full tensors, not shards
     assert fsdp[0]["loss"] == pytest.approx(ddp[0]["loss"], rel=1e-6)
-    initial = load_file(final.parent / "step-00000000" / "model.safetensors")
+    initial = load_file(final.parent / "step-00000000" / WEIGHTS_NAME)
     assert_same_training(initial, (fsdp_weights, ddp_weights),
                          (UpdateRecorder.load(Path(fsdp[0]["grads"])),
                           UpdateRecorder.load(Path(ddp[0]["grads"]))))  # fmt: skip
     assert not torch.equal(initial["fc.weight"], fsdp_weights["fc.weight"])
 
     shutil.rmtree(final)
-    (final.parent / "latest").write_text("step-00000001\n")
+    (final.parent / LATEST_NAME).write_text("step-00000001\n")
     resumed = await asyncio.to_thread(run_two_ranks, nats_server.url, run_id, tmp_path, True,
                                       "fsdp")  # fmt: skip
     assert [r["resumed_from"] for r in resumed] == [1, 1] and resumed[0]["final"] == str(final)
-    again = load_file(final / "model.safetensors")
+    again = load_file(final / WEIGHTS_NAME)
     assert all(torch.equal(fsdp_weights[k], again[k]) for k in fsdp_weights)

@@ -19,11 +19,12 @@ from specforge_common.contracts import (
     TrainerProgress,
 )
 from specforge_common.eagle3 import VocabMap, load_draft
+from specforge_common.eagle3.checkpoint import CONFIG_NAME, WEIGHTS_NAME, sha256_file
 from specforge_common.featurestore import open_store
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
 from specforge_common.subjects import RunSubjects, enqueue_key, progress_key
 from specforge_common.targets import load_embedding, make_tiny_target
-from specforge_trainer.checkpoints import CheckpointManager, sha256_file
+from specforge_trainer.checkpoints import LATEST_NAME, STATE_NAME, TENSORS_NAME, CheckpointManager
 from specforge_trainer.loop import Trainer, TrainerError
 from tests.support import seed_captured_run, tiny_run_spec
 from tests.trainer import drop_end_markers, stream_records, train_spec
@@ -56,7 +57,7 @@ def teacher_entropy_floor(trainer: Trainer, locations, spec) -> float:
     store = open_store(spec.store_uri)
     batch = collate([store.get(location) for location in locations])
     K = spec.train.ttt_length
-    teacher = prepare_teacher(batch, trainer.head, trainer.draft.t2d, K)
+    teacher = prepare_teacher(batch, trainer.parts.head, trainer.parts.draft.t2d, K)
     B, T = batch.input_ids.shape
     floor, mask = 0.0, teacher.position_mask
     for k in range(K):
@@ -91,23 +92,23 @@ async def test_training_learns_and_publishes_checkpoints_events_and_progress(
     # Checkpoints: step 0, every 4 steps, the final one; SGLang layout + trainer_state.json.
     root = tmp_path / "runs" / run_id / "checkpoints"
     assert step_dirs(root) == [f"step-{s:08d}" for s in range(0, 25, 4)]
-    assert (root / "latest").read_text().strip() == "step-00000024"
+    assert (root / LATEST_NAME).read_text().strip() == "step-00000024"
     final_dir = root / "step-00000024"
     assert result.final is not None and result.final.path == final_dir
-    assert sorted(p.name for p in final_dir.iterdir()) == [
-        "config.json", "model.safetensors", "trainer_state.json", "training_state.pt"]  # fmt: skip
+    assert sorted(p.name for p in final_dir.iterdir()) == sorted(
+        [CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, TENSORS_NAME])  # fmt: skip
     vocab_map = await vocab_map_of_run(bus, spec)
     loaded = load_draft(final_dir, embedding=load_embedding(target), vocab_map=vocab_map)
-    trained = trainer.draft.state_dict()
+    trained = trainer.parts.draft.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in loaded.state_dict().items())
-    state = json.loads((final_dir / "trainer_state.json").read_text())
+    state = json.loads((final_dir / STATE_NAME).read_text())
     last_train_seq = result.last_sequence
     assert state["step"] == 24 and state["final"] is True and state["samples_consumed"] == 48
     assert state["last_sequence"] == last_train_seq
     assert state["vocab_map_hash"] == vocab_map.hash()
     assert state["run_spec_hash"] == spec.spec_hash()
     assert state["metrics"]["loss"] == pytest.approx(losses[-1])
-    untrained = load_file(root / "step-00000000" / "model.safetensors")
+    untrained = load_file(root / "step-00000000" / WEIGHTS_NAME)
     assert not torch.equal(untrained["fc.weight"], trained["fc.weight"])
 
     # CheckpointEvents: one per dir, final only on the last.
@@ -117,7 +118,7 @@ async def test_training_learns_and_publishes_checkpoints_events_and_progress(
     for event in events:
         path = Path(event.checkpoint_uri)
         assert path.is_absolute() and path == root / f"step-{event.step:08d}"
-        assert event.checkpoint_sha256 == sha256_file(path / "model.safetensors")
+        assert event.checkpoint_sha256 == sha256_file(path / WEIGHTS_NAME)
         assert event.samples_consumed == 2 * event.step
         assert event.run_spec_hash == spec.spec_hash() and event.run_id == run_id
         assert (event.metrics == {}) == (event.step == 0)
@@ -138,9 +139,9 @@ async def test_same_stream_and_seed_give_identical_weights(
     spec = tiny_run_spec(run_id, target, tmp_path, train=train_spec(epochs=2))
     await seed_captured_run(bus, spec, n_train=6)
     first = await Trainer(bus, run_id).run()
-    weights = {k: v.clone() for k, v in load_file(first.final.path / "model.safetensors").items()}
+    weights = {k: v.clone() for k, v in load_file(first.final.path / WEIGHTS_NAME).items()}
     second = await Trainer(bus, run_id).run()
-    again = load_file(second.final.path / "model.safetensors")
+    again = load_file(second.final.path / WEIGHTS_NAME)
     assert weights.keys() == again.keys()
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     assert [h["loss"] for h in first.history] == [h["loss"] for h in second.history]
@@ -217,10 +218,10 @@ async def test_warm_start_begins_from_the_given_draft(
     trainer = Trainer(bus, warm.run_id)
     second = await trainer.run()
     assert second.checkpoints[0].step == 0
-    start = load_file(second.checkpoints[0].path / "model.safetensors")
-    given = load_file(first.final.path / "model.safetensors")
+    start = load_file(second.checkpoints[0].path / WEIGHTS_NAME)
+    given = load_file(first.final.path / WEIGHTS_NAME)
     assert start.keys() == given.keys() and all(torch.equal(start[k], given[k]) for k in start)
-    assert not torch.equal(start["fc.weight"], trainer.draft.fc.weight)
+    assert not torch.equal(start["fc.weight"], trainer.parts.draft.fc.weight)
 
 
 async def test_a_stop_request_checkpoints_the_current_step(

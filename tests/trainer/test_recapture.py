@@ -28,12 +28,14 @@ from specforge_common.contracts import (
     decode,
 )
 from specforge_common.data.enqueue import enqueue, publish_prompts
+from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
 from specforge_common.featurestore import open_store
 from specforge_common.log import get_logger
+from specforge_common.step_log import read_step_log, trained_samples_path
 from specforge_common.subjects import RunSubjects
 from specforge_common.targets import HFTargetEngine, make_tiny_target
 from specforge_trainer.data import SampleStream
-from specforge_trainer.loop import Trainer, read_trained_samples, trained_samples_path
+from specforge_trainer.loop import Trainer
 from specforge_trainer.recapture import RecaptureError, Recapturer
 from tests.capture.test_worker import new_worker, token_tasks, write_summary
 from tests.support import seed_captured_run, tiny_run_spec
@@ -315,10 +317,10 @@ async def test_a_run_that_lost_a_sample_trains_the_same_weights_as_one_that_did_
     [again] = await recaptured_refs(bus, run_id)
     assert again.sample_id == lost.sample_id and again.producer == "w1"
     assert all(torch.equal(store.get(again.features)[k], original[k]) for k in original)
-    ours = read_trained_samples(trained_samples_path(spec.output_dir, run_id))
-    theirs = read_trained_samples(trained_samples_path(spec.output_dir, reference.run_id))
+    ours = read_step_log(trained_samples_path(spec.output_dir, run_id))
+    theirs = read_step_log(trained_samples_path(spec.output_dir, reference.run_id))
     assert [e["samples"] for e in ours] == [e["samples"] for e in theirs]
     assert sum(lost.sample_id in e["samples"] for e in ours) == 2  # once per epoch, in place
-    a = load_file(result.final.path / "model.safetensors")
-    b = load_file(expected.final.path / "model.safetensors")
+    a = load_file(result.final.path / WEIGHTS_NAME)
+    b = load_file(expected.final.path / WEIGHTS_NAME)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from specforge_common.bus import Bus
 from specforge_common.contracts import CheckpointEvent
+from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.step_log import read_step_log, trained_samples_path
 from specforge_common.targets import make_tiny_target
-from specforge_trainer.loop import read_trained_samples
 from tests.support import seed_captured_run, tiny_run_spec
 from tests.trainer import stream_records, train_spec
 from tests.trainer.test_command import SPECFORGE, train_command
@@ -62,11 +63,11 @@ async def test_replay_trains_bit_identical_weights_from_the_recorded_samples(
     assert stored.data_run == run_id and stored.run_id == replayed
     assert stored.train == spec.train and stored.target == spec.target
     ours = load_file(tmp_path / "runs" / run_id / "checkpoints" / "step-00000006" /
-                     "model.safetensors")  # fmt: skip
-    theirs = load_file(final / "model.safetensors")
+                     WEIGHTS_NAME)  # fmt: skip
+    theirs = load_file(final / WEIGHTS_NAME)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    log_a = read_trained_samples(tmp_path / "runs" / run_id / "trained_samples.jsonl")
-    log_b = read_trained_samples(tmp_path / "runs" / replayed / "trained_samples.jsonl")
+    log_a = read_step_log(trained_samples_path(tmp_path / "runs", run_id))
+    log_b = read_step_log(trained_samples_path(tmp_path / "runs", replayed))
     assert [e["samples"] for e in log_a] == [e["samples"] for e in log_b] and len(log_b) == 6
     events = [e for _, e in await stream_records(bus, replayed, "checkpoints", CheckpointEvent)]
     assert events[-1].final and events[-1].run_spec_hash == stored.spec_hash()

@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 from specforge_common.bus import Bus
 from specforge_common.contracts import CheckpointEvent, TrainerProgress
-from specforge_common.step_log import read_step_log
+from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.step_log import read_step_log, train_metrics_path, trained_samples_path
 from specforge_common.subjects import progress_key
 from specforge_common.targets import make_tiny_target
-from specforge_trainer.checkpoints import CheckpointManager
-from specforge_trainer.loop import Trainer, TrainerError, read_trained_samples, train_metrics_path
+from specforge_trainer.checkpoints import LATEST_NAME, STATE_FORMAT, STATE_NAME, CheckpointManager
+from specforge_trainer.loop import Trainer, TrainerError
 from tests.support import seed_captured_run, tiny_run_spec
 from tests.trainer import stream_records, train_spec
 from tests.trainer.test_command import train_command
@@ -56,7 +57,7 @@ def flat_tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def trained_prompts(workdir: Path, run_id: str, prompt_of: dict[str, str]) -> list[tuple]:
     """(step, epoch, prompt ids) per optimizer step, from the run's trained-samples log."""
-    entries = read_trained_samples(workdir / "runs" / run_id / "trained_samples.jsonl")
+    entries = read_step_log(trained_samples_path(workdir / "runs", run_id))
     return [(e["step"], e["epoch"], [prompt_of[s] for s in e["samples"]]) for e in entries]
 
 
@@ -110,7 +111,7 @@ async def test_sigkill_mid_run_then_restart_is_bit_identical_to_an_uninterrupted
     latest = CheckpointManager(root).latest()
     state = CheckpointManager.read_state(latest)
     assert not state["final"] and state["step"] % 3 == 0 and state["step"] < 48
-    logged_before = read_trained_samples(tmp_path / "runs" / killed_id / "trained_samples.jsonl")
+    logged_before = read_step_log(trained_samples_path(tmp_path / "runs", killed_id))
     assert max(e["step"] for e in logged_before) >= observed  # steps the checkpoint lost
 
     rc, out, err = await run_train(killed_id, nats_server.url)
@@ -119,8 +120,8 @@ async def test_sigkill_mid_run_then_restart_is_bit_identical_to_an_uninterrupted
 
     ref_final = checkpoints_dir(tmp_path, ref_id) / "step-00000048"
     final = root / "step-00000048"
-    assert_same_tensors(load_file(ref_final / "model.safetensors"),
-                        load_file(final / "model.safetensors"))  # fmt: skip
+    assert_same_tensors(load_file(ref_final / WEIGHTS_NAME),
+                        load_file(final / WEIGHTS_NAME))  # fmt: skip
     ref_opt = CheckpointManager.read_tensors(ref_final)["optimizer"]
     opt = CheckpointManager.read_tensors(final)["optimizer"]
     assert_same_tensors(flat_tensors(ref_opt), flat_tensors(opt))
@@ -152,7 +153,7 @@ async def stopped_run(bus: Bus, run_id: str, target: Path, tmp_path: Path):
     await seed_captured_run(bus, spec, n_train=8, n_eval=1)
     first = await Trainer(bus, run_id).run()
     root = checkpoints_dir(tmp_path, run_id)
-    (root / "latest").write_text("step-00000002\n")
+    (root / LATEST_NAME).write_text("step-00000002\n")
     return spec, first, root / "step-00000002"
 
 
@@ -165,7 +166,7 @@ async def test_resume_refuses_another_spec_vocab_world_strategy_or_parallelism(
     bus: Bus, run_id: str, stopped_run, field: str, value
 ) -> None:
     spec, _, step_dir = stopped_run
-    state_path = step_dir / "trainer_state.json"
+    state_path = step_dir / STATE_NAME
     state = json.loads(state_path.read_text())
     mine = {"run_spec_hash": spec.spec_hash(), "vocab_map_hash": state["vocab_map_hash"],
             "world_size": 1, "strategy": spec.draft.strategy, "parallel": "ddp"}[field]  # fmt: skip
@@ -177,17 +178,31 @@ async def test_resume_refuses_another_spec_vocab_world_strategy_or_parallelism(
     assert field.replace("_", " ") in message and repr(value) in message and repr(mine) in message
 
 
+async def test_resume_refuses_a_checkpoint_of_another_state_format(
+    bus: Bus, run_id: str, stopped_run
+) -> None:
+    _, _, step_dir = stopped_run
+    state_path = step_dir / STATE_NAME
+    state = json.loads(state_path.read_text())
+    assert state["format"] == STATE_FORMAT
+    state_path.write_text(json.dumps(state | {"format": STATE_FORMAT - 1}))
+    with pytest.raises(TrainerError) as info:
+        await Trainer(bus, run_id, resume=True).run()
+    assert f"format {STATE_FORMAT - 1}" in str(info.value)
+    assert f"reads format {STATE_FORMAT}" in str(info.value)
+
+
 async def test_in_process_resume_matches_the_uninterrupted_weights(
     bus: Bus, run_id: str, stopped_run, tmp_path: Path
 ) -> None:
     _, first, step_dir = stopped_run
-    expected = load_file(first.final.path / "model.safetensors")
+    expected = load_file(first.final.path / WEIGHTS_NAME)
     trainer = Trainer(bus, run_id, resume=True)
     result = await trainer.run()
     assert result.resumed_from == 2 and result.step == 4 and not result.already_finished
     assert result.samples_consumed == 8 and len(result.history) == 2
-    assert_same_tensors(expected, load_file(result.final.path / "model.safetensors"))
-    log = read_trained_samples(tmp_path / "runs" / run_id / "trained_samples.jsonl")
+    assert_same_tensors(expected, load_file(result.final.path / WEIGHTS_NAME))
+    log = read_step_log(trained_samples_path(tmp_path / "runs", run_id))
     assert [e["step"] for e in log] == [1, 2, 3, 4]
     # the metrics log was cut back to step 2 too, then went on: each step once, the first run's
     # losses for steps 1-2 and the resumed run's for 3-4 (both equal the uninterrupted ones)

@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from specforge_common.bus import Bus
+from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.step_log import read_step_log, trained_samples_path
 from specforge_common.targets import make_tiny_target
-from specforge_trainer.checkpoints import CheckpointManager
-from specforge_trainer.loop import Trainer, read_trained_samples
+from specforge_trainer.checkpoints import LATEST_NAME, CheckpointManager
+from specforge_trainer.loop import Trainer
 from tests.support import seed_captured_run, tiny_run_spec
 from tests.trainer import train_spec
 
@@ -28,7 +30,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def trained(workdir: Path, run_id: str, prompt_of: dict[str, str]) -> list[tuple]:
     """(step, epoch, prompt ids) per optimizer step, from the run's trained-samples log."""
-    entries = read_trained_samples(workdir / "runs" / run_id / "trained_samples.jsonl")
+    entries = read_step_log(trained_samples_path(workdir / "runs", run_id))
     return [(e["step"], e["epoch"], [prompt_of[s] for s in e["samples"]]) for e in entries]
 
 
@@ -56,7 +58,7 @@ async def test_later_epochs_are_seeded_permutations_and_the_same_seed_repeats(
         prompt_of |= {r.sample_id: r.prompt_id for r in refs["train"]}
         result = await Trainer(bus, rid).run()
         assert result.step == 12 and result.samples_consumed == 24
-        finals.append(load_file(result.final.path / "model.safetensors"))
+        finals.append(load_file(result.final.path / WEIGHTS_NAME))
         logs.append(trained(tmp_path, rid, prompt_of))
 
     orders = epoch_orders(logs[0])
@@ -79,17 +81,17 @@ async def test_resume_inside_a_shuffled_epoch_matches_the_uninterrupted_run(
     refs = await seed_captured_run(bus, spec, n_train=8, n_eval=1, seed=7)
     prompt_of = {r.sample_id: r.prompt_id for r in refs["train"]}
     first = await Trainer(bus, run_id).run()
-    expected = load_file(first.final.path / "model.safetensors")
+    expected = load_file(first.final.path / WEIGHTS_NAME)
     expected_log = trained(tmp_path, run_id, prompt_of)
     assert epoch_orders(expected_log)[1] != [f"p{i}" for i in range(8)]
 
     # Back to a checkpoint inside epoch 1 (steps 5..8), then resume from it.
     root = tmp_path / "runs" / run_id / "checkpoints"
-    (root / "latest").write_text(f"step-{resume_step:08d}\n")
+    (root / LATEST_NAME).write_text(f"step-{resume_step:08d}\n")
     state = CheckpointManager.read_state(root / f"step-{resume_step:08d}")
     assert state["epoch"] == 1 and state["epoch_index_by_rank"]["0"] == 2 * (resume_step - 4) - 1
     result = await Trainer(bus, run_id, resume=True).run()
     assert result.resumed_from == resume_step and result.step == 12
     assert result.samples_consumed == 24
-    assert_same_tensors(expected, load_file(result.final.path / "model.safetensors"))
+    assert_same_tensors(expected, load_file(result.final.path / WEIGHTS_NAME))
     assert trained(tmp_path, run_id, prompt_of) == expected_log

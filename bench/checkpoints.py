@@ -30,14 +30,10 @@ from safetensors.torch import load_file, save_file
 
 from bench.report import BenchReport
 from bench.train_step import CONFIG, bench_draft_config
+from specforge_common.durable import sha256_file
 from specforge_common.eagle3 import VocabMap, apply_vocab_map, load_draft, save_draft
 from specforge_common.models.eagle3 import Eagle3Draft
-from specforge_trainer.checkpoints import (
-    STATE_NAME,
-    TENSORS_NAME,
-    CheckpointManager,
-    sha256_file,
-)
+from specforge_trainer.checkpoints import STATE_NAME, TENSORS_NAME, CheckpointManager
 
 REPS = 5
 MIB = 1 << 20

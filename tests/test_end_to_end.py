@@ -15,7 +15,7 @@ import pytest
 
 from specforge_common.bus import Bus
 from specforge_common.contracts import CheckpointEvent, EndOfSplit, EvalResult
-from specforge_common.eagle3.checkpoint import load_draft
+from specforge_common.eagle3 import load_draft
 from specforge_common.featurestore import open_store
 from specforge_common.targets.head import load_embedding, load_lm_head
 from specforge_common.targets.tiny import make_tiny_target

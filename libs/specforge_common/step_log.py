@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
+from specforge_common.durable import write_atomic
+
 TRAINED_SAMPLES_NAME = "trained_samples.jsonl"
 TRAIN_METRICS_NAME = "train_metrics.jsonl"
 
@@ -55,9 +57,7 @@ class StepLog:
         kept = []
         if keep_through is not None:
             kept = [e for e in read_step_log(self.path) if e["step"] <= keep_through]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
-        tmp.replace(self.path)
+        write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in kept))
         self._file: IO[str] = open(self.path, "a")
 
     def append(self, entry: dict[str, Any]) -> None:

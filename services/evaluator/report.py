@@ -164,8 +164,16 @@ def _new_figure() -> Any:
     return figure
 
 
-def _save(figure: Any, path: Path) -> Path:
-    figure.savefig(path, format="png")
+def _finish(
+    ax: Any, path: Path, *, xlabel: str, ylabel: str, title: str, legend_size: str | None = None
+) -> Path:
+    """Label, grid and legend every plot the same way, then write the PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    ax.figure.savefig(path, format="png")
     return path
 
 
@@ -173,12 +181,8 @@ def plot_loss(steps: Sequence[int], losses: Sequence[float], source: str, path: 
     figure = _new_figure()
     ax = figure.add_subplot()
     ax.plot(steps, losses, marker="o" if len(steps) <= 30 else None, label=f"loss ({source})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(figure, path)
+    return _finish(ax, path, xlabel="optimizer step", ylabel="training loss",
+                   title="Training loss")  # fmt: skip
 
 
 def plot_positions(first: EvalResult, latest: EvalResult, path: Path) -> Path:
@@ -198,13 +202,9 @@ def plot_positions(first: EvalResult, latest: EvalResult, path: Path) -> Path:
             ax.plot(range(1, len(served) + 1), served, marker="s", linestyle="--",
                     label=f"serving, given earlier accepted ({tag})")  # fmt: skip
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("draft position")
-    ax.set_ylabel("acceptance rate")
     ax.set_ylim(0.0, 1.05)
-    ax.set_title("Acceptance per draft position")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return _save(figure, path)
+    return _finish(ax, path, xlabel="draft position", ylabel="acceptance rate",
+                   title="Acceptance per draft position", legend_size="small")  # fmt: skip
 
 
 def plot_lengths(evals: Sequence[EvalResult], path: Path) -> Path:
@@ -218,12 +218,9 @@ def plot_lengths(evals: Sequence[EvalResult], path: Path) -> Path:
         points = [(step, value) for step, value in points if value is not None]
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
-    ax.set_xlabel("checkpoint step")
-    ax.set_ylabel("acceptance length (tokens)")
-    ax.set_title("Acceptance length over training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return _save(figure, path)
+    return _finish(ax, path, xlabel="checkpoint step",
+                   ylabel="acceptance length (tokens)", title="Acceptance length over training",
+                   legend_size="small")  # fmt: skip
 
 
 # --- pages ---------------------------------------------------------------------------------

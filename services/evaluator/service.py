@@ -44,8 +44,9 @@ from specforge_common.contracts import (
     RunSpec,
     SampleRef,
 )
+from specforge_common.durable import sha256_file
 from specforge_common.eagle3 import CheckpointError, Eagle3Metrics, load_draft
-from specforge_common.eagle3.checkpoint import WEIGHTS_NAME, sha256_file
+from specforge_common.eagle3.layout import WEIGHTS_NAME
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
 from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Config

@@ -27,7 +27,7 @@ import torch
 from specforge_common.bus import Bus, BusError
 from specforge_common.contracts import EnqueueSummary, RunSpec
 from specforge_common.eagle3 import VocabMap, apply_vocab_map, load_draft
-from specforge_common.eagle3.checkpoint import CONFIG_NAME
+from specforge_common.eagle3.layout import CONFIG_NAME
 from specforge_common.featurestore import FeatureStore, open_store
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
 from specforge_common.registry import DRAFT_ARCHITECTURES, STRATEGIES

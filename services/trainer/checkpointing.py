@@ -35,7 +35,8 @@ import torch
 
 from specforge_common.bus import Bus
 from specforge_common.contracts import CheckpointEvent, EvalResult, FeatureLocation
-from specforge_common.eagle3.checkpoint import WEIGHTS_NAME, sha256_file
+from specforge_common.durable import sha256_file
+from specforge_common.eagle3.layout import WEIGHTS_NAME
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
 from specforge_common.subjects import RunSubjects
 

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 import time
 from collections.abc import Collection, Iterable
@@ -33,8 +32,9 @@ from typing import Any
 import torch
 
 from specforge_common.contracts import EvalResult
+from specforge_common.durable import fsync_dir, fsync_file, sha256_file, temp_sibling, write_atomic
 from specforge_common.eagle3 import save_draft
-from specforge_common.eagle3.checkpoint import WEIGHTS_NAME, _fsync, sha256_file
+from specforge_common.eagle3.layout import WEIGHTS_NAME
 from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Draft
 
@@ -47,7 +47,6 @@ __all__ = [
     "CheckpointManager",
     "SavedCheckpoint",
     "checkpoints_root",
-    "sha256_file",
     "step_dir_name",
 ]
 
@@ -70,19 +69,6 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @dataclass(frozen=True)
 class SavedCheckpoint:
     step: int
@@ -101,11 +87,12 @@ class CheckpointManager:
         self._remove_staging_leftovers()
 
     def _remove_staging_leftovers(self) -> None:
-        for path in self.root.glob(".step-*"):
-            shutil.rmtree(path, ignore_errors=True)  # a crash mid-save; never a visible step dir
+        for pattern in (".step-*", "..step-*"):  # a staging dir, or save_draft's temp dir in it
+            for path in self.root.glob(pattern):
+                shutil.rmtree(path, ignore_errors=True)  # a crash mid-save; never a step dir
         for name in (LATEST_NAME, BEST_NAME, BEST_META_NAME):
             for path in self.root.glob(f".{name}.*.tmp"):
-                path.unlink(missing_ok=True)  # a crash inside _write_atomic
+                path.unlink(missing_ok=True)  # a crash inside write_atomic
 
     def step_dirs(self) -> dict[int, Path]:
         """Complete step dirs, by step."""
@@ -202,8 +189,8 @@ class CheckpointManager:
         }
         # meta first: a crash in between leaves the old pointer with new meta, which the next
         # update_best call (the meta's sha256 check) rewrites.
-        _write_atomic(self.root / BEST_META_NAME, json.dumps(new_meta, indent=2) + "\n")
-        _write_atomic(self.root / BEST_NAME, path.name + "\n")
+        write_atomic(self.root / BEST_META_NAME, json.dumps(new_meta, indent=2) + "\n")
+        write_atomic(self.root / BEST_NAME, path.name + "\n")
         log.info("best checkpoint", step=chosen.step, path=str(path),
                  simulated_acceptance_length=chosen.simulated_acceptance_length,
                  previous=current.name if current is not None else None)  # fmt: skip
@@ -218,7 +205,7 @@ class CheckpointManager:
             except FileNotFoundError:
                 pass
         if removed:
-            _fsync(self.root)
+            fsync_dir(self.root)
             log.info("best checkpoint cleared: no scored checkpoint is on disk")
 
     @staticmethod
@@ -252,27 +239,24 @@ class CheckpointManager:
         containers) go to ``training_state.pt`` in the same staging dir."""
         name = step_dir_name(step)
         target = self.root / name
-        staging = self.root / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.staging"
+        staging = temp_sibling(target, "staging")
         old: Path | None = None
         try:
             save_draft(draft, staging)
             full_state = {"format": STATE_FORMAT, "step": step, "final": final, **state}
-            with open(staging / STATE_NAME, "w") as file:
-                json.dump(full_state, file, indent=2, sort_keys=True)
-                file.flush()
-                os.fsync(file.fileno())
+            (staging / STATE_NAME).write_text(json.dumps(full_state, indent=2, sort_keys=True))
+            fsync_file(staging / STATE_NAME)
             if tensors is not None:
                 with open(staging / TENSORS_NAME, "wb") as file:
                     torch.save(tensors, file)
-                    file.flush()
-                    os.fsync(file.fileno())
+                fsync_file(staging / TENSORS_NAME)
             sha256 = sha256_file(staging / WEIGHTS_NAME)
-            _fsync(staging)
+            fsync_dir(staging)
             if target.exists():
-                old = self.root / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.old"
+                old = temp_sibling(target, "old")
                 os.replace(target, old)
             os.replace(staging, target)
-            _fsync(self.root)
+            fsync_dir(self.root)
             st = (target / WEIGHTS_NAME).stat()
             self._sha_cache[target / WEIGHTS_NAME] = ((st.st_ino, st.st_size, st.st_mtime_ns),
                                                       sha256)  # fmt: skip
@@ -280,7 +264,7 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-        _write_atomic(self.root / LATEST_NAME, name + "\n")
+        write_atomic(self.root / LATEST_NAME, name + "\n")
         removed = self.rotate(protect)
         log.info("checkpoint written", step=step, path=str(target), final=final,
                  sha256=sha256, rotated_out=[p.name for p in removed])  # fmt: skip

@@ -32,6 +32,8 @@ the last, partial batch of an epoch is used) and looks one sample ahead, so a ba
 it is the last one of the run. ``collate`` right-pads a batch into a ``TrainBatch``.
 
 The time the trainer spends blocked on bus or store is accumulated in ``StreamStats.wait_s``.
+(The module is a little over 450 lines: ``SampleStream`` is one job — ordering, sharding,
+prefetch, re-capture and dead letters of the samples it hands out — and splits no further.)
 """
 
 from __future__ import annotations

@@ -20,15 +20,14 @@ from specforge_common.eagle3 import (
 )
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft, TTTCache
 from specforge_common.targets import HFTargetEngine, make_tiny_target
+from specforge_evaluator.acceptance import greedy_accept, speculative_accept
+from specforge_evaluator.decode_results import SpeculativeResult
 from specforge_evaluator.draft_cache import IncrementalDraft
 from specforge_evaluator.offline import evaluate_draft
 from specforge_evaluator.speculative import (
     LosslessnessError,
-    SpeculativeResult,
     evaluate_speculative,
     first_difference,
-    greedy_accept,
-    speculative_accept,
     speculative_generate,
     target_generate,
 )

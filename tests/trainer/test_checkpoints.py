@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from specforge_common.contracts import EvalResult
-from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.durable import sha256_file
+from specforge_common.eagle3.layout import WEIGHTS_NAME
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
 from specforge_trainer.checkpoints import (
     BEST_META_NAME,
@@ -17,7 +18,6 @@ from specforge_trainer.checkpoints import (
     LATEST_NAME,
     CheckpointManager,
     SavedCheckpoint,
-    sha256_file,
 )
 
 
@@ -137,8 +137,12 @@ def test_leftover_temp_files_of_a_crashed_write_are_removed(
     root.mkdir()
     (root / ".best.123.abcd.tmp").write_text("step-0000")
     (root / ".latest.123.abcd.tmp").write_text("step-0000")
+    staging = root / ".step-00000001.123.abcd.staging"  # a save cut short ...
+    staging.mkdir()
+    (root / f".{staging.name}.123.ef01.tmp").mkdir()  # ... inside save_draft's own temp dir
     manager = CheckpointManager(root)
     assert hidden_files(root) == []
+    assert sorted(p.name for p in root.iterdir()) == []
     saved = save_steps(manager, draft, [0])
     assert manager.update_best([result(saved[0], 0.0)]) == saved[0].path
     assert sorted(p.name for p in root.iterdir()) == [BEST_NAME, BEST_META_NAME, LATEST_NAME,

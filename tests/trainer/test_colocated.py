@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from specforge_common.bus import Bus, LocalBus
-from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.eagle3.layout import WEIGHTS_NAME
 from specforge_common.featurestore import open_store
 from specforge_common.step_log import trained_samples_path
 from specforge_common.targets import make_tiny_target

@@ -14,7 +14,7 @@ import pytest
 
 from specforge_common.bus import Bus
 from specforge_common.contracts import TrainerProgress
-from specforge_common.eagle3.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from specforge_common.eagle3.layout import CONFIG_NAME, WEIGHTS_NAME
 from specforge_common.subjects import progress_key
 from specforge_common.targets import make_tiny_target
 from tests.support import seed_captured_run, tiny_run_spec

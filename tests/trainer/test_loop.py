@@ -18,8 +18,9 @@ from specforge_common.contracts import (
     SampleRef,
     TrainerProgress,
 )
+from specforge_common.durable import sha256_file
 from specforge_common.eagle3 import VocabMap, load_draft
-from specforge_common.eagle3.checkpoint import CONFIG_NAME, WEIGHTS_NAME, sha256_file
+from specforge_common.eagle3.layout import CONFIG_NAME, WEIGHTS_NAME
 from specforge_common.featurestore import open_store
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
 from specforge_common.subjects import RunSubjects, enqueue_key, progress_key

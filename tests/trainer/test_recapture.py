@@ -28,7 +28,7 @@ from specforge_common.contracts import (
     decode,
 )
 from specforge_common.data.enqueue import enqueue, publish_prompts
-from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.eagle3.layout import WEIGHTS_NAME
 from specforge_common.featurestore import open_store
 from specforge_common.log import get_logger
 from specforge_common.step_log import read_step_log, trained_samples_path

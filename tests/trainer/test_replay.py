@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from specforge_common.bus import Bus
 from specforge_common.contracts import CheckpointEvent
-from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.eagle3.layout import WEIGHTS_NAME
 from specforge_common.step_log import read_step_log, trained_samples_path
 from specforge_common.targets import make_tiny_target
 from tests.support import seed_captured_run, tiny_run_spec

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from specforge_common.bus import Bus
 from specforge_common.contracts import CheckpointEvent, TrainerProgress
-from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.eagle3.layout import WEIGHTS_NAME
 from specforge_common.step_log import read_step_log, train_metrics_path, trained_samples_path
 from specforge_common.subjects import progress_key
 from specforge_common.targets import make_tiny_target

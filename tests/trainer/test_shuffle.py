@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from specforge_common.bus import Bus
-from specforge_common.eagle3.checkpoint import WEIGHTS_NAME
+from specforge_common.eagle3.layout import WEIGHTS_NAME
 from specforge_common.step_log import read_step_log, trained_samples_path
 from specforge_common.targets import make_tiny_target
 from specforge_trainer.checkpoints import LATEST_NAME, CheckpointManager

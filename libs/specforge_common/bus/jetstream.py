@@ -3,6 +3,7 @@
 One connection per process. Producers publish with ``Nats-Msg-Id`` so a retried publish is a
 no-op; consumers pull with explicit acks so a crash means redelivery, never loss. Messages that
 can never be decoded are dead-lettered with the reason and terminated, not retried forever.
+The module is as long as the ``Bus`` protocol is wide: one class, one method per operation.
 """
 
 from __future__ import annotations
@@ -12,141 +13,32 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic
+from typing import Any
 
 import msgspec
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.msg import Msg
 from nats.js import api
 
 from ..contracts import ContractError, PromptTask, Record, RunSpec, decode, encode
 from ..log import get_logger
 from ..subjects import RUNS_BUCKET, STREAM_KINDS, RunSubjects, StreamKind
 from .config import BusConfig
+from .jetstream_consumer import JetStreamWorkConsumer, stream_sequence
 from .protocol import (
     BusError,
     ConsumerLag,
     OnUndecodable,
     Published,
-    R,
     RunSpecConflict,
     StreamState,
 )
-from .reads import BusReads, ConsumerReads, decode_or_report, given_up_reason
+from .reads import BusReads, decode_or_report, given_up_reason
 
 log = get_logger(component="bus")
 
 STREAM_EXISTS_DIFFERENT = 10058  # JetStream err_code: stream name in use with another config
-
-
-def stream_sequence(msg: Msg) -> int:
-    """Stream sequence from the JetStream ack subject, without nats-py's Metadata objects
-    (building those costs more than decoding the record on the hot path)."""
-    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the v2 form with
-    # <domain>.<account hash> after ACK and an optional trailing token.
-    tokens = msg.reply.split(".")
-    return int(tokens[5] if len(tokens) == 9 else tokens[7])
-
-
-class JetStreamDelivery(Generic[R]):
-    """One delivered record and the ways to settle it (``protocol.Delivery``)."""
-
-    __slots__ = ("record", "subject", "_msg", "_consumer")
-
-    def __init__(self, record: R, msg: Msg, consumer: JetStreamWorkConsumer[R]) -> None:
-        self.record = record
-        self.subject = msg.subject
-        self._msg = msg
-        self._consumer = consumer
-
-    @property
-    def stream_seq(self) -> int:
-        return stream_sequence(self._msg)
-
-    @property
-    def deliveries(self) -> int:
-        """How many times the server has delivered this message (1 on the first delivery)."""
-        return self._msg.metadata.num_delivered
-
-    async def ack(self) -> None:
-        await self._msg.ack()
-
-    async def ack_sync(self) -> None:
-        await self._msg.ack_sync()
-
-    async def nak(self, delay: float | None = None) -> None:
-        await self._msg.nak(delay=delay)
-
-    async def in_progress(self) -> None:
-        await self._msg.in_progress()
-
-    async def term(self) -> None:
-        await self._msg.term()
-
-    async def dead_letter(self, reason: str, service: str) -> None:
-        await self._consumer.dead_letter(self._msg, reason)
-        await self._msg.term()
-
-
-class JetStreamWorkConsumer(ConsumerReads, Generic[R]):
-    """A durable pull consumer (``protocol.WorkConsumer``)."""
-
-    def __init__(
-        self,
-        bus: JetStreamBus,
-        subjects: RunSubjects,
-        kind: StreamKind,
-        durable: str,
-        record_type: Any,
-        sub: Any,
-        service: str,
-    ) -> None:
-        self.bus = bus
-        self.subjects = subjects
-        self.kind = kind
-        self.durable = durable
-        self.record_type = record_type
-        self.service = service
-        self._sub = sub
-
-    async def fetch(self, batch: int = 100, timeout: float = 1.0) -> list[JetStreamDelivery[R]]:
-        """Up to ``batch`` deliveries; an empty list when nothing arrived within ``timeout``."""
-        try:
-            msgs = await self._sub.fetch(batch=batch, timeout=timeout)
-        except asyncio.TimeoutError:  # nats-py raises its own subclass or the plain one
-            return []
-        out: list[JetStreamDelivery[R]] = []
-        for msg in msgs:
-            try:
-                record = decode(msg.data, self.record_type, subject=msg.subject)
-            except ContractError as exc:
-                log.warning(
-                    "undecodable message dead-lettered", subject=msg.subject, error=str(exc)
-                )
-                await self.dead_letter(msg, str(exc))
-                await msg.term()
-                continue
-            out.append(JetStreamDelivery(record, msg, self))
-        return out
-
-    async def dead_letter(self, msg: Msg, reason: str) -> None:
-        try:
-            meta = msg.metadata
-            deliveries, seq = meta.num_delivered, meta.sequence.stream
-        except (nats.errors.NotJSMessageError, AttributeError, IndexError):
-            deliveries, seq = 0, None
-        await self.bus.dead_letter(self.subjects.run_id, msg.subject, msg.data, reason,
-                                   service=self.service, deliveries=deliveries,
-                                   seq=seq)  # fmt: skip
-
-    async def close(self) -> None:
-        # Unsubscribing first keeps a later drain from hanging on an expired fetch.
-        try:
-            await self._sub.unsubscribe()
-        except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
-            pass
 
 
 class JetStreamBus(BusReads):

@@ -17,7 +17,8 @@ service code with a disaggregated deployment:
 - a key-value map for run specs, enqueue summaries and trainer progress.
 
 What it does not do: persistence (a LocalBus dies with its process) and several processes.
-One event loop owns a LocalBus; services share it by holding the same object.
+One event loop owns a LocalBus; services share it by holding the same object. The module is as
+long as the ``Bus`` protocol is wide; the stream and consumer model is in ``local_streams``.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import asyncio
 import fnmatch
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
 from typing import Any, Generic
 
 from ..contracts import ContractError, PromptTask, Record, RunSpec, decode, encode
 from ..log import get_logger
 from ..subjects import STREAM_KINDS, RunSubjects, StreamKind
 from .config import BusConfig
+from .local_streams import ConsumerState, Message, Pending, Stream, matches
 from .protocol import (
     BusError,
     ConsumerLag,
@@ -47,87 +48,13 @@ from .reads import BusReads, ConsumerReads, decode_or_report, given_up_reason
 log = get_logger(component="local-bus")
 
 
-def _matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching: ``*`` is one token, a trailing ``>`` one or more."""
-    want, have = pattern.split("."), subject.split(".")
-    if want[-1] == ">":
-        return len(have) >= len(want) and all(
-            w in ("*", h) for w, h in zip(want[:-1], have, strict=False)
-        )
-    return len(want) == len(have) and all(w in ("*", h) for w, h in zip(want, have, strict=True))
-
-
-@dataclass
-class _Message:
-    seq: int
-    subject: str
-    data: bytes
-
-
-@dataclass
-class _Stream:
-    name: str
-    subjects: list[str]
-    work_queue: bool
-    one_per_subject: bool = False  # JetStream's max_msgs_per_subject=1
-    messages: dict[int, _Message] = field(default_factory=dict)  # insertion = sequence order
-    last_seq: int = 0
-    msg_ids: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (seq, when)
-    last_by_subject: dict[str, int] = field(default_factory=dict)  # subject -> newest seq
-
-
-@dataclass
-class _Pending:
-    deliveries: int = 0
-    ready_at: float = 0.0  # monotonic time it may be (re)delivered
-    in_flight: bool = False
-    given_up: bool = False  # max_deliver reached without a settle: announced once
-
-
-@dataclass
-class _Consumer:
-    stream: _Stream
-    durable: str
-    filter_subject: str
-    ack_wait_s: float
-    max_deliver: int
-    state: dict[int, _Pending] = field(default_factory=dict)  # seq -> delivery state
-    settled: set[int] = field(default_factory=set)  # acked or terminated (limits streams)
-    redelivered: int = 0
-    advisories: list[asyncio.Queue[tuple[int, int]]] = field(default_factory=list)
-
-    def give_up(self, seq: int, pending: _Pending) -> None:
-        """Like JetStream's max-deliveries advisory: tell every ``given_up`` listener, once."""
-        if not pending.given_up:
-            pending.given_up = True
-            for queue in self.advisories:
-                queue.put_nowait((seq, pending.deliveries))
-
-    def wanted(self, message: _Message) -> bool:
-        return _matches(self.filter_subject, message.subject) and message.seq not in self.settled
-
-    def settle(self, seq: int) -> None:
-        self.state.pop(seq, None)
-        self.settled.add(seq)
-        if self.stream.work_queue:  # a work queue forgets what its consumer acknowledged
-            self.stream.messages.pop(seq, None)
-
-    @property
-    def ack_floor(self) -> int:
-        """Highest sequence with everything at or below it settled (or filtered out)."""
-        for seq, message in self.stream.messages.items():
-            if self.wanted(message):
-                return seq - 1
-        return self.stream.last_seq
-
-
 class LocalDelivery(Generic[R]):
     """One delivered record and the ways to settle it (``protocol.Delivery``)."""
 
     __slots__ = ("record", "subject", "stream_seq", "deliveries", "_consumer", "_bus", "_data")
 
     def __init__(
-        self, record: R, message: _Message, deliveries: int, consumer: LocalWorkConsumer[R]
+        self, record: R, message: Message, deliveries: int, consumer: LocalWorkConsumer[R]
     ) -> None:
         self.record = record
         self.subject = message.subject
@@ -137,7 +64,7 @@ class LocalDelivery(Generic[R]):
         self._consumer = consumer
         self._bus = consumer.bus
 
-    def _pending(self) -> _Pending | None:
+    def _pending(self) -> Pending | None:
         return self._consumer.state.state.get(self.stream_seq)
 
     async def ack(self) -> None:
@@ -179,7 +106,7 @@ class LocalWorkConsumer(ConsumerReads, Generic[R]):
         bus: LocalBus,
         subjects: RunSubjects,
         kind: StreamKind,
-        state: _Consumer,
+        state: ConsumerState,
         record_type: Any,
         service: str,
     ) -> None:
@@ -187,11 +114,11 @@ class LocalWorkConsumer(ConsumerReads, Generic[R]):
         self.durable = state.durable
         self.record_type, self.service = record_type, service
 
-    def _take(self, batch: int) -> tuple[list[tuple[_Message, int]], float | None]:
+    def _take(self, batch: int) -> tuple[list[tuple[Message, int]], float | None]:
         """Up to ``batch`` deliverable messages (marked in flight), and when the next one that
         is waiting (nak delay, ack timeout) becomes deliverable."""
         now = time.monotonic()
-        taken: list[tuple[_Message, int]] = []
+        taken: list[tuple[Message, int]] = []
         soonest: float | None = None
         state = self.state
         for message in list(state.stream.messages.values()):
@@ -199,7 +126,7 @@ class LocalWorkConsumer(ConsumerReads, Generic[R]):
                 break
             if not state.wanted(message):
                 continue
-            pending = state.state.setdefault(message.seq, _Pending())
+            pending = state.state.setdefault(message.seq, Pending())
             if pending.deliveries >= state.max_deliver and not pending.in_flight:
                 state.give_up(message.seq, pending)  # stays in the stream, never redelivered
                 continue
@@ -261,8 +188,8 @@ class LocalBus(BusReads):
 
     def __init__(self, config: BusConfig | None = None) -> None:
         self.config = config or BusConfig(name="local")
-        self._streams: dict[str, _Stream] = {}
-        self._consumers: dict[tuple[str, str], _Consumer] = {}
+        self._streams: dict[str, Stream] = {}
+        self._consumers: dict[tuple[str, str], ConsumerState] = {}
         self._kv: dict[str, bytes] = {}
         self._waiters: set[asyncio.Future[None]] = set()
         self.closed = False
@@ -311,7 +238,7 @@ class LocalBus(BusReads):
         for kind in STREAM_KINDS:
             name = subjects.stream(kind)
             if name not in self._streams:
-                self._streams[name] = _Stream(name, subjects.stream_subjects(kind),
+                self._streams[name] = Stream(name, subjects.stream_subjects(kind),
                                               work_queue=kind == "prompts",
                                               one_per_subject=kind == "promptlog")  # fmt: skip
         return subjects
@@ -324,7 +251,7 @@ class LocalBus(BusReads):
             for key in [k for k in self._consumers if k[0] == name]:
                 del self._consumers[key]
 
-    def _stream(self, run_id: str, kind: StreamKind) -> _Stream:
+    def _stream(self, run_id: str, kind: StreamKind) -> Stream:
         name = RunSubjects(run_id).stream(kind)
         try:
             return self._streams[name]
@@ -346,7 +273,7 @@ class LocalBus(BusReads):
 
     def _append(self, subject: str, data: bytes, msg_id: str | None) -> Published:
         for stream in self._streams.values():
-            if any(_matches(p, subject) for p in stream.subjects):
+            if any(matches(p, subject) for p in stream.subjects):
                 break
         else:
             raise BusError(f"no stream takes subject {subject!r} (call ensure_streams first)")
@@ -356,7 +283,7 @@ class LocalBus(BusReads):
             if seen is not None and now - seen[1] < self.config.duplicate_window_s:
                 return Published(stream.name, seen[0], True)
         stream.last_seq += 1
-        stream.messages[stream.last_seq] = _Message(stream.last_seq, subject, data)
+        stream.messages[stream.last_seq] = Message(stream.last_seq, subject, data)
         older = stream.last_by_subject.get(subject)
         if stream.one_per_subject and older is not None:
             stream.messages.pop(older, None)
@@ -396,7 +323,7 @@ class LocalBus(BusReads):
         stream = self._stream(run_id, kind)
         key = (stream.name, durable)
         if key not in self._consumers:  # like JetStream: the first binding sets the config
-            self._consumers[key] = _Consumer(
+            self._consumers[key] = ConsumerState(
                 stream, durable, filter_subject or subjects.stream_subjects(kind)[0],
                 ack_wait_s or self.config.ack_wait_s, max_deliver or self.config.max_deliver,
             )  # fmt: skip
@@ -419,7 +346,7 @@ class LocalBus(BusReads):
 
     async def stored_sequences(self, run_id: str, kind: StreamKind, subject: str) -> list[int]:
         stream = self._stream(run_id, kind)
-        return [m.seq for m in stream.messages.values() if _matches(subject, m.subject)]
+        return [m.seq for m in stream.messages.values() if matches(subject, m.subject)]
 
     async def dead_letter_given_up(
         self, run_id: str, kind: StreamKind, seq: int, deliveries: int, *, service: str
@@ -482,7 +409,7 @@ class LocalBus(BusReads):
                 continue
             message = log_stream.messages.get(seq)
             seq += 1
-            if message is not None and _matches(subject, message.subject):
+            if message is not None and matches(subject, message.subject):
                 record = await decode_or_report(
                     message.seq, message.subject, message.data, record_type, undecodable
                 )

@@ -1,18 +1,16 @@
 """EAGLE-3 training pieces around the draft model (``specforge_common.models.eagle3``).
 
 ``vocab``: the draft vocabulary map (``d2t``/``t2d``) and how it is built from token counts.
-``checkpoint``: saving/loading drafts in the SGLang layout (the export users serve with).
+``layout``: the SGLang layout of a draft on disk (file and tensor names, shapes).
+``export``: ``save_draft``, the SGLang export users serve with.
+``load``: ``load_draft``, for our exports and published drafts (warm starts, evaluation).
 ``teacher``: the target's distribution at every position, restricted to the draft vocab.
 ``strategy``: the training-time-test unroll, its loss and metrics (registered as ``eagle3``).
 """
 
-from specforge_common.eagle3.checkpoint import (
-    REQUIRED_KEYS,
-    CheckpointError,
-    expected_shapes,
-    load_draft,
-    save_draft,
-)
+from specforge_common.eagle3.export import save_draft
+from specforge_common.eagle3.layout import REQUIRED_KEYS, CheckpointError, expected_shapes
+from specforge_common.eagle3.load import load_draft
 from specforge_common.eagle3.strategy import Eagle3Metrics, Eagle3Strategy, StrategyOutput
 from specforge_common.eagle3.teacher import Teacher, prepare_teacher
 from specforge_common.eagle3.vocab import (

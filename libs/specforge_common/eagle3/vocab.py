@@ -14,8 +14,6 @@ exporting with a different map fails loudly instead of scrambling the head.
 from __future__ import annotations
 
 import hashlib
-import os
-import secrets
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +22,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 
+from specforge_common.durable import write_atomic
 from specforge_common.log import get_logger
 
 if TYPE_CHECKING:
@@ -164,23 +163,13 @@ class VocabMap:
         self.validate()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
         metadata = {
             "format": "pt",
             HASH_KEY: self.hash(),
             "target_vocab_size": str(self.target_vocab_size),
             "draft_vocab_size": str(self.draft_vocab_size),
         }
-        try:
-            save_file({"d2t": self.d2t, "t2d": self.t2d}, str(tmp), metadata=metadata)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(path, safetensors_save({"d2t": self.d2t, "t2d": self.t2d}, metadata=metadata))
         return path
 
     @classmethod

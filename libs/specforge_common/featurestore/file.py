@@ -3,6 +3,9 @@
 Locations are relative to the root (``file:ab/<sample_id>.safetensors``) because a capture node
 and a trainer node can mount the same shared directory at different paths.
 
+A put fsyncs the file and its directory before it returns: capture acks a prompt only once its
+sample survives a crash.
+
 A get of a big file reads each piece on the calling thread while one shared worker thread hashes
 the piece before it; ``FileFeatureStore.get_into`` reads into a buffer the caller recycles.
 """
@@ -12,7 +15,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import secrets
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -24,6 +26,7 @@ import torch
 import xxhash
 
 from specforge_common.contracts import FeatureLocation
+from specforge_common.durable import fsync_dir, temp_sibling
 from specforge_common.featurestore import codec
 from specforge_common.featurestore.errors import (
     FeatureCorruptError,
@@ -163,21 +166,6 @@ def _read_overlapped(file: _Readable, view: memoryview, uri: str) -> xxhash.xxh3
     return state.hasher
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or mkdir durable: a prompt is acked only once its sample survives a crash."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # platforms that cannot open a directory cannot fsync one either
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
 class FileFeatureStore:
     """Feature store over a local or shared directory; see the module docstring."""
 
@@ -239,7 +227,7 @@ class FileFeatureStore:
             return
         except OSError as exc:
             raise FeatureStoreError(f"cannot create {path}: {exc}") from exc
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def put(self, sample_id: str, tensors: Mapping[str, torch.Tensor]) -> FeatureLocation:
         """Store a sample once: the first whole copy of an id wins and later puts return it.
@@ -258,8 +246,7 @@ class FileFeatureStore:
             return existing
         buf, specs = codec.encode(tensors)
         self._ensure_dir(final.parent)
-        # Starts with '.' and ends with '.tmp': never matches '<id>.safetensors'.
-        tmp = final.parent / f".{sample_id}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        tmp = temp_sibling(final)
         hasher = codec.new_hasher()
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0))
@@ -282,7 +269,7 @@ class FileFeatureStore:
             tmp.unlink(missing_ok=True)
         if winner is not None:
             return winner
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return FeatureLocation(
             uri=f"file:{rel}",
             tensors=specs,

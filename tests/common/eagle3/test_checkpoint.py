@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from specforge_common.eagle3.checkpoint import CheckpointError, load_draft, save_draft
+from specforge_common.eagle3 import load_draft, save_draft
+from specforge_common.eagle3.layout import CheckpointError
 from specforge_common.eagle3.vocab import (
     VocabMap,
     VocabMapMismatch,

@@ -1,226 +1,40 @@
-"""EAGLE-3 drafts on disk in the SGLang layout: ``config.json`` + ``model.safetensors``.
+"""``load_draft``: a draft directory back into an ``Eagle3Draft``, for warm starts and evaluation.
 
-What ``save_draft`` writes is what users hand to SGLang (``--speculative-draft-model-path``), so
-it is checked against the spec's key list before a byte is written, and written atomically: a
-crash never leaves a half-written export where a good one was. ``load_draft`` reads our exports
-and the published EAGLE-3 drafts (sharded safetensors, or ``pytorch_model.bin`` read with
-``weights_only=True`` -- never an arbitrary pickle) for warm starts. The frozen target embedding
-is never exported; loading takes it from the file if present, else from the caller.
+It reads our exports and the layouts published EAGLE-3 drafts ship in: sharded safetensors,
+or ``pytorch_model.bin`` read with ``weights_only=True`` (never an arbitrary pickle), with or
+without a wrapper prefix and the ``t2d``/``d2t`` buffers. Exports hold no embedding, so it
+comes from the caller (the target's table).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import re
-import secrets
-import shutil
-import tempfile
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_save
 
+from specforge_common.eagle3.layout import (
+    CONFIG_NAME,
+    EMBEDDING_KEY,
+    SAFETENSORS_INDEX,
+    TORCH_INDEX,
+    TORCH_WEIGHTS,
+    WEIGHTS_NAME,
+    CheckpointError,
+    dtype_name,
+    expected_shapes,
+)
 from specforge_common.eagle3.vocab import HASH_KEY, VocabMap, VocabMapMismatch, vocab_map_of
 from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
 
-__all__ = [
-    "CONFIG_NAME",
-    "REQUIRED_KEYS",
-    "WEIGHTS_NAME",
-    "CheckpointError",
-    "expected_shapes",
-    "load_draft",
-    "save_draft",
-]
+__all__ = ["load_draft"]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_WEIGHTS = "pytorch_model.bin"
-TORCH_INDEX = "pytorch_model.bin.index.json"
-REQUIRED_KEYS = ("fc.weight", "norm.weight", "lm_head.weight", "t2d", "d2t")
-EMBEDDING_KEY = "embed_tokens.weight"
-FORBIDDEN_PREFIXES = ("embed", "draft_model.")
 STRIPPABLE_PREFIXES = ("draft_model.", "model.")
-# Files a previous export may hold; an out_dir holding anything else is not replaced.
-EXPORT_FILE = re.compile(
-    r"(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
-    r"|model\.safetensors\.index\.json|pytorch_model(-\d+-of-\d+)?\.bin"
-    r"|pytorch_model\.bin\.index\.json)"
-)
 
 log = get_logger(component="eagle3.checkpoint")
-
-
-class CheckpointError(ValueError):
-    """A draft checkpoint is malformed, incomplete, or does not fit the draft config."""
-
-
-def expected_shapes(config: Eagle3Config) -> dict[str, tuple[int, ...]]:
-    """Every exported tensor and its shape (spec parameter table), embedding excluded."""
-    H, H_t, inter = config.hidden_size, config.aux_hidden_size, config.intermediate_size
-    V, V_d, d = config.vocab_size, config.draft_vocab_size, config.attention_head_dim
-    n_h, n_kv = config.num_attention_heads, config.num_key_value_heads
-    shapes: dict[str, tuple[int, ...]] = {"fc.weight": (H, 3 * H_t)}
-    if config.fc_norm:
-        shapes |= {f"fc_norm.{i}.weight": (H_t,) for i in range(3)}
-    shapes |= {
-        "midlayer.hidden_norm.weight": (H,),
-        "midlayer.input_layernorm.weight": (H,),
-        "midlayer.self_attn.q_proj.weight": (n_h * d, 2 * H),
-        "midlayer.self_attn.k_proj.weight": (n_kv * d, 2 * H),
-        "midlayer.self_attn.v_proj.weight": (n_kv * d, 2 * H),
-        "midlayer.self_attn.o_proj.weight": (H, n_h * d),
-        "midlayer.post_attention_layernorm.weight": (H,),
-        "midlayer.mlp.gate_proj.weight": (inter, H),
-        "midlayer.mlp.up_proj.weight": (inter, H),
-        "midlayer.mlp.down_proj.weight": (H, inter),
-        "norm.weight": (H,),
-        "lm_head.weight": (V_d, H),
-        "t2d": (V,),
-        "d2t": (V_d,),
-    }
-    return shapes
-
-
-def _check_export_keys(state: Mapping[str, torch.Tensor], config: Eagle3Config) -> None:
-    missing = [k for k in REQUIRED_KEYS if k not in state]
-    if missing:
-        raise CheckpointError(f"draft state is missing required SGLang keys {missing}")
-    forbidden = sorted(k for k in state if k.startswith(FORBIDDEN_PREFIXES))
-    if forbidden:
-        raise CheckpointError(
-            f"draft state has keys SGLang must not receive (embedding / prefixed): {forbidden}"
-        )
-    expected = expected_shapes(config)
-    unexpected = sorted(set(state) - set(expected))
-    absent = sorted(set(expected) - set(state))
-    if unexpected or absent:
-        raise CheckpointError(
-            f"draft state keys differ from the SGLang layout: unexpected {unexpected}, "
-            f"missing {absent}"
-        )
-    wrong = {k: tuple(v.shape) for k, v in state.items() if tuple(v.shape) != expected[k]}
-    if wrong:
-        raise CheckpointError(
-            "draft tensors have the wrong shapes for its config: "
-            + ", ".join(f"{k} {s} (expected {expected[k]})" for k, s in sorted(wrong.items()))
-        )
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # directories on some filesystems cannot be fsynced; files always can on Linux
-    finally:
-        os.close(fd)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _export_config(draft: Eagle3Draft, vocab_hash: str) -> dict[str, Any]:
-    config = draft.config.to_dict()
-    config["specforge"] = {**(config.get("specforge") or {}), HASH_KEY: vocab_hash}
-    # SGLang's dtype="auto" reads the draft config's dtype; keep it truthful for the weights.
-    dtype = _dtype_name(draft.fc.weight.dtype)
-    for key in ("torch_dtype", "dtype"):
-        if key in config:
-            config[key] = dtype
-    config.setdefault("torch_dtype", dtype)
-    return config
-
-
-def _replaceable(out_dir: Path) -> None:
-    if not out_dir.is_dir() or out_dir.is_symlink():
-        raise CheckpointError(f"{out_dir} exists and is not a directory; not replacing it")
-    others = sorted(p.name for p in out_dir.iterdir() if not EXPORT_FILE.fullmatch(p.name))
-    if others:
-        raise CheckpointError(
-            f"{out_dir} already exists and holds files that are not part of a draft export "
-            f"({others}); save_draft replaces the whole directory, so save into a fresh one"
-        )
-
-
-def save_draft(
-    draft: Eagle3Draft, out_dir: str | Path, *, metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Write the SGLang export of ``draft`` to ``out_dir`` atomically and return ``out_dir``.
-
-    ``out_dir`` is created, or replaced if it holds a previous export (only export files). The
-    draft's vocab map must be valid: apply one with ``apply_vocab_map`` first (the identity map
-    when the draft keeps the whole vocabulary).
-    """
-    state = {k: v.detach().cpu().contiguous() for k, v in draft.trainable_state_dict().items()}
-    _check_export_keys(state, draft.config)
-    vocab_map = vocab_map_of(draft)
-    try:
-        vocab_map.validate()
-    except VocabMapMismatch as exc:
-        raise CheckpointError(
-            f"the draft's t2d/d2t buffers are not a valid vocab map ({exc}); "
-            "call apply_vocab_map(draft, ...) before saving"
-        ) from exc
-    vocab_hash = vocab_map.hash()
-    user_metadata = dict(metadata or {})
-    reserved = sorted({"format", HASH_KEY} & user_metadata.keys())
-    if reserved:
-        raise CheckpointError(f"metadata keys {reserved} are reserved for save_draft")
-    bad = [k for k, v in user_metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
-    if bad:
-        raise CheckpointError(f"safetensors metadata must map str to str; bad entries: {bad}")
-    file_metadata = {"format": "pt", HASH_KEY: vocab_hash, **user_metadata}
-    config = _export_config(draft, vocab_hash)
-
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() or out_dir.is_symlink():
-        _replaceable(out_dir)
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    # Not mkdtemp: its 0700 mode would survive the rename and hide the export from other users.
-    tmp = parent / f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-    os.mkdir(tmp)
-    old: Path | None = None
-    try:
-        config_path = tmp / CONFIG_NAME
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _fsync(config_path)
-        weights_path = tmp / WEIGHTS_NAME
-        weights_path.write_bytes(_deterministic_safetensors(state, file_metadata))
-        _fsync(weights_path)
-        _fsync(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
-            os.replace(out_dir, old)  # rename over the empty placeholder dir
-        os.replace(tmp, out_dir)
-        _fsync(parent)
-    except BaseException:
-        if old is not None and not out_dir.exists():
-            os.replace(old, out_dir)  # put the previous export back
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    log.info(
-        "saved draft",
-        path=str(out_dir),
-        tensors=len(state),
-        dtype=config["torch_dtype"],
-        vocab_map_hash=vocab_hash,
-    )
-    return out_dir
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
@@ -320,7 +134,8 @@ def load_draft(
     state = _strip_prefixes(tensors)
 
     if raw_config.get("draft_vocab_size") is None and "lm_head.weight" in state:
-        raw_config["draft_vocab_size"] = state["lm_head.weight"].shape[0]  # older drafts
+        # Published drafts whose config lacks it: lm_head has one row per draft token.
+        raw_config["draft_vocab_size"] = state["lm_head.weight"].shape[0]
     try:
         config = Eagle3Config.from_dict(raw_config)
     except (ValueError, TypeError) as exc:
@@ -403,7 +218,7 @@ def load_draft(
         "loaded draft",
         path=str(path),
         source=source,
-        dtype=_dtype_name(dtype),
+        dtype=dtype_name(dtype),
         vocab_map_hash=loaded_hash,
     )
     return draft
@@ -460,32 +275,3 @@ def _fill_vocab_buffers(
             f"V_d={vocab_map.draft_vocab_size}) was given; its lm_head rows belong to the first"
         )
     state["t2d"], state["d2t"] = stored_map.t2d, stored_map.d2t
-
-
-def _deterministic_safetensors(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-) -> bytes:
-    """safetensors bytes whose header lists the metadata in sorted order.
-
-    The library writes ``__metadata__`` from a hash map, so the same weights would otherwise get
-    different bytes (and a different sha256) on every save. Reordering a JSON object keeps its
-    length, so the data offsets stay valid.
-    """
-    data = bytearray(safetensors_save(dict(tensors), metadata=dict(metadata)))
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + length])
-    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    if len(text) > length:  # cannot happen for a reordering; refuse rather than corrupt
-        raise CheckpointError("safetensors header grew while sorting its metadata")
-    data[8 : 8 + length] = text.ljust(length, b" ")
-    return bytes(data)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoint identity in CheckpointEvents)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

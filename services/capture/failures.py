@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 
+from specforge_common.aio import in_background
 from specforge_common.bus import Bus, Delivery
 from specforge_common.contracts import PromptTask
 
@@ -107,13 +108,8 @@ class Failures:
     @asynccontextmanager
     async def dead_lettering_given_up(self) -> AsyncIterator[None]:
         """While the block runs, dead-letter every prompt JetStream gives up on."""
-        task = asyncio.create_task(self._dead_letter_given_up())
-        try:
+        async with in_background(self._dead_letter_given_up()):
             yield
-        finally:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
 
     async def _dead_letter_given_up(self) -> None:
         try:

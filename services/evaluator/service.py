@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import aclosing, suppress
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from specforge_common.aio import cancel_and_wait
 from specforge_common.batch import SampleError, check_sample
 from specforge_common.bus import Bus, Delivery, heartbeat
 from specforge_common.contracts import (
@@ -148,9 +149,7 @@ async def read_eval_split(
                     if len(out.samples) >= limit:
                         break
     finally:
-        reporter.cancel()
-        with suppress(asyncio.CancelledError):
-            await reporter
+        await cancel_and_wait(reporter)
     return out
 
 
@@ -268,9 +267,7 @@ class Evaluator:
             await asyncio.wait({prepared, stopped}, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
             if not prepared.done():
-                prepared.cancel()
-                with suppress(asyncio.CancelledError):
-                    await prepared
+                await cancel_and_wait(prepared)
                 self.log.info("stopped before the eval split was read")
                 return self.report
             prepared.result()

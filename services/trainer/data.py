@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from specforge_common.aio import cancel_and_wait
 from specforge_common.batch import FEATURE_KEYS, SampleError, TrainBatch, check_sample, collate
 from specforge_common.bus import Bus, Undecodable
 from specforge_common.contracts import EndOfSplit, SampleRef, Split, encode
@@ -184,10 +185,8 @@ class SampleStream:
         self._producer = asyncio.create_task(self._produce(), name=f"sample-stream-{self.run_id}")
 
     async def close(self) -> None:
-        if self._producer is not None and not self._producer.done():
-            self._producer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._producer
+        if self._producer is not None:
+            await cancel_and_wait(self._producer)
         if self._queue is not None:
             while not self._queue.empty():
                 item = self._queue.get_nowait()

@@ -36,6 +36,7 @@ from contextlib import nullcontext
 
 import torch
 
+from specforge_common.aio import cancel_and_wait
 from specforge_common.batch import TrainBatch
 from specforge_common.bus import Bus
 from specforge_common.contracts import RunSpec
@@ -237,11 +238,7 @@ class Trainer:
             stop.cancel()
         if fetch.done():
             return fetch.result()
-        fetch.cancel()
-        try:
-            await fetch
-        except asyncio.CancelledError:
-            pass
+        await cancel_and_wait(fetch)
         return None
 
     async def _agree(self, batch: StreamBatch | None) -> tuple[bool, bool, bool]:

@@ -30,6 +30,7 @@ from typing import Any
 
 import msgspec
 
+from specforge_common.aio import cancel_and_wait
 from specforge_common.bus import Bus
 from specforge_common.contracts import SampleRef
 from specforge_common.subjects import RunSubjects
@@ -123,10 +124,7 @@ class Recapturer:
                 self.log.info("waiting for a re-captured sample", sample_id=ref.sample_id,
                               waited_s=round(time.monotonic() - started, 1))  # fmt: skip
         finally:
-            if not waiting.done():
-                waiting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await waiting
+            await cancel_and_wait(waiting)
 
     async def _follow(self, sample_id: str, start: int) -> SampleRef:
         reader = self.bus.read_log(self._stream, self.subjects.recaptured, SampleRef, start,

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
+from ..aio import in_background
 from ..contracts import (
     ContractError,
     DeadLetter,
@@ -180,10 +181,5 @@ async def heartbeat(
                 except Exception as exc:  # a lost heartbeat only risks a redelivery
                     log.debug("in-progress ack failed", error=repr(exc))
 
-    task = asyncio.create_task(beat())
-    try:
+    async with in_background(beat()):
         yield
-    finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task

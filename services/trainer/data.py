@@ -166,7 +166,7 @@ class SampleStream:
         self.stats = StreamStats()
         self.log = get_logger(service=service, run=run_id, component="sample-stream")
         self._fetch_threads = max(1, fetch_threads)
-        # recapture_timeout_s <= 0: a missing sample is dead-lettered at once, as before.
+        # recapture_timeout_s <= 0: a missing sample is dead-lettered at once.
         self.recapture_timeout_s = recapture_timeout_s
         self._recapturer = Recapturer(bus, run_id, timeout_s=recapture_timeout_s, log=self.log)
         self._loads: set[asyncio.Task[Any]] = set()
@@ -293,7 +293,7 @@ class SampleStream:
         features are missing: the newest re-captured ref in the log whose features are there,
         else a new re-capture (``recapture.Recapturer``).
 
-        Corrupt features are dead-lettered as before, unless a re-captured ref exists: a
+        Corrupt features are dead-lettered, unless a re-captured ref exists: a
         re-capture writes the same key, and its bytes may differ from the first capture's (GPU
         non-determinism), which the original ref's checksum then rejects.
         """

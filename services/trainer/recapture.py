@@ -14,7 +14,7 @@ dropping the sample, the trainer (``SampleStream``):
    arrives (capture publishes it with msg id ``recaptured:<sample id>:<n>``), at most
    ``timeout_s`` seconds, saying so in the log while it waits.
 
-:class:`RecaptureError` (the caller dead-letters the sample, as before re-capture existed) when
+:class:`RecaptureError` (the caller dead-letters the sample) when
 the prompt is not in the log or the wait timed out. After a timeout nobody is likely to answer
 (no capture worker for the run, e.g. a replay of a finished run): for the next ``timeout_s``
 seconds further samples are not asked for, unless an answer shows up in the meantime, so a store

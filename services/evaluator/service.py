@@ -17,7 +17,9 @@ Lifecycle of one ``Evaluator``:
    ``EvalResult`` (``msg_id = eval:<run>:<step>``, so a redelivery after a crash publishes
    nothing twice) and ack the event after the PubAck. An event that can never succeed (foreign
    run, other spec, wrong sha, missing or malformed checkpoint) is dead-lettered with the reason;
-   the next one is still evaluated.
+   the next one is still evaluated. Before the publish, the checkpoint's model card
+   (``README.md``) is rewritten with the measurements (``_rewrite_card``; a failure is logged
+   as a warning and changes nothing else).
 
 With ``exit_when_final`` the loop returns after settling the event with ``final=True``.
 ``stop()`` (SIGTERM) finishes the current checkpoint and returns.
@@ -26,6 +28,8 @@ With ``exit_when_final`` the loop returns after settling the event with ``final=
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -45,9 +49,16 @@ from specforge_common.contracts import (
     RunSpec,
     SampleRef,
 )
-from specforge_common.durable import sha256_file
+from specforge_common.durable import sha256_file, write_atomic
 from specforge_common.eagle3 import CheckpointError, Eagle3Metrics, load_draft
-from specforge_common.eagle3.layout import WEIGHTS_NAME
+from specforge_common.eagle3.layout import CONFIG_NAME, WEIGHTS_NAME
+from specforge_common.eagle3.model_card import (
+    CARD_NAME,
+    Machine,
+    ModelCardFacts,
+    read_card_facts,
+    render_model_card,
+)
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
 from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Config
@@ -310,6 +321,8 @@ class Evaluator:
             await delivery.dead_letter(str(exc), SERVICE)
             self.report.dead_lettered.append(event.step)
         else:
+            # the card first: a reader of the EvalResult finds it filled in (failures only log)
+            await self._rewrite_card(event, result)
             await self.bus.publish(
                 self.subjects.evals, result, msg_id=f"eval:{self.run_id}:{event.step}"
             )
@@ -320,6 +333,39 @@ class Evaluator:
         if event.final:
             self.report.final_step = event.step
         return event.final
+
+    async def _rewrite_card(self, event: CheckpointEvent, result: EvalResult) -> None:
+        """Fill the checkpoint's model card (``README.md``) in with ``result``; never raises."""
+        try:
+            await asyncio.to_thread(self._write_card, event, result)
+        except Exception as exc:  # documentation only: never fail an evaluation over it
+            self.log.warning("model card not updated", step=event.step,
+                             uri=event.checkpoint_uri, error=repr(exc))  # fmt: skip
+
+    def _write_card(self, event: CheckpointEvent, result: EvalResult) -> None:
+        """The card's facts come from the card the trainer wrote (else from the spec, the event
+        and ``config.json``); a card naming other weights than the ones scored is left alone.
+        Only ``README.md`` is replaced: the weights and their sha256 are untouched."""
+        directory = checkpoint_dir(event.checkpoint_uri)
+        facts = read_card_facts(directory)
+        if facts is None:
+            config = json.loads((directory / CONFIG_NAME).read_text())
+            loss = event.metrics.get("loss")
+            facts = ModelCardFacts.from_spec(
+                self.spec, step=event.step, final=event.final,
+                samples_trained=event.samples_consumed, weights_sha256=result.checkpoint_sha256,
+                train_loss=loss if loss is not None and math.isfinite(loss) else None,
+                config=config,
+            )  # fmt: skip
+        elif facts.weights_sha256 and facts.weights_sha256 != result.checkpoint_sha256:
+            self.log.warning("model card not updated: it describes other weights than the ones "
+                             "evaluated (the step dir was replaced)", step=event.step,
+                             card_sha256=facts.weights_sha256,
+                             evaluated_sha256=result.checkpoint_sha256)  # fmt: skip
+            return
+        text = render_model_card(facts, result, draft_dir=directory,
+                                 machine=Machine.current(self.device))  # fmt: skip
+        write_atomic(directory / CARD_NAME, text)
 
     def _check_fits(self, config: Eagle3Config, directory: Path) -> None:
         """Refuse a draft built for another target before running it on this one's features."""

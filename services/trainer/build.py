@@ -28,6 +28,7 @@ from specforge_common.bus import Bus, BusError
 from specforge_common.contracts import EnqueueSummary, RunSpec
 from specforge_common.eagle3 import VocabMap, apply_vocab_map, load_draft
 from specforge_common.eagle3.layout import CONFIG_NAME
+from specforge_common.eagle3.vocab import from_stored
 from specforge_common.featurestore import FeatureStore, open_store
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
 from specforge_common.registry import DRAFT_ARCHITECTURES, STRATEGIES
@@ -106,13 +107,13 @@ def load_vocab_map(store: FeatureStore, summary: EnqueueSummary, vocab_size: int
             f"({draft_vocab_size}) is smaller than the target's ({vocab_size})"
         )
     tensors = store.get(summary.vocab_map)
-    vocab_map = VocabMap(d2t=tensors["d2t"], t2d=tensors["t2d"])
-    vocab_map.validate()
-    if summary.vocab_map_hash and vocab_map.hash() != summary.vocab_map_hash:
+    stored = VocabMap(d2t=tensors["d2t"], t2d=tensors["t2d"])
+    if summary.vocab_map_hash and stored.hash() != summary.vocab_map_hash:
         raise TrainerError(
-            f"vocab map in the store hashes to {vocab_map.hash()} but the enqueue summary says "
+            f"vocab map in the store hashes to {stored.hash()} but the enqueue summary says "
             f"{summary.vocab_map_hash}; the store copy was modified"
         )
+    vocab_map = from_stored(tensors, draft_vocab_size)  # a replay may ask for another size
     if (vocab_map.target_vocab_size, vocab_map.draft_vocab_size) != (vocab_size, draft_vocab_size):
         raise TrainerError(
             f"vocab map is V={vocab_map.target_vocab_size}, V_d={vocab_map.draft_vocab_size} but "
@@ -164,11 +165,11 @@ def build_draft(spec: RunSpec, vocab_map: VocabMap, embedding: torch.Tensor) -> 
 
 
 def check_data_run(spec: RunSpec, data_spec: RunSpec) -> None:
-    """A replayed run must read features its draft can take: same target and aux layers."""
+    """A replayed run must read features its draft can take: same target and aux layers (its
+    draft vocabulary may differ: ``load_vocab_map`` builds it from the data run's counts)."""
     pairs = {
         "target.path": (spec.target.path, data_spec.target.path),
         "draft.aux_layer_ids": (spec.draft.aux_layer_ids, data_spec.draft.aux_layer_ids),
-        "draft.draft_vocab_size": (spec.draft.draft_vocab_size, data_spec.draft.draft_vocab_size),
     }
     for name, (mine, theirs) in pairs.items():
         if mine != theirs:

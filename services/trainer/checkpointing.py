@@ -4,7 +4,11 @@ The loop checkpoints at step 0 (untrained), every ``checkpoint_every`` steps, at
 (``final``) and at the current step when asked to stop. Only rank 0 writes (through
 ``checkpoints.CheckpointManager``), with every rank's position and CPU RNG state gathered at the
 checkpoint (a collective; under FSDP another one gathers the full weights and optimizer state),
-and publishes a ``CheckpointEvent``. Before each write the ``best`` pointer is updated from the
+and publishes a ``CheckpointEvent``. Each checkpoint gets its model card (``README.md``, from the
+run spec, the enqueue summary's sources, samples and tokens trained and the latest loss; the
+evaluator fills in the measurements later). Tokens trained are counted per rank at each
+optimizer step, summed at the checkpoint and kept in its state (``tokens_trained``), so a resume
+goes on counting. Before each write the ``best`` pointer is updated from the
 run's ``EvalResult``s, and with ``train.keep_unevaluated`` rotation spares the checkpoints the
 evaluator has not scored yet.
 
@@ -26,6 +30,7 @@ reads another run's features (``build.check_consume_once``).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +42,7 @@ from specforge_common.bus import Bus
 from specforge_common.contracts import CheckpointEvent, EvalResult, FeatureLocation
 from specforge_common.durable import sha256_file
 from specforge_common.eagle3.layout import WEIGHTS_NAME
+from specforge_common.eagle3.model_card import ModelCardFacts
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
 from specforge_common.subjects import RunSubjects
 
@@ -89,9 +95,15 @@ class Checkpointer:
         self.saved: list[SavedCheckpoint] = []
         self.checkpointed_step = -1  # the step of the newest checkpoint written or resumed
         self._consumed: list[FeatureLocation] = []  # trained since the last checkpoint
+        # this rank's tokens trained so far (all epochs); -1: unknown (resumed from a
+        # checkpoint that did not count them)
+        self._tokens_trained = 0
 
     def track_trained(self, batches: list[StreamBatch]) -> None:
-        """Consume-once: the next checkpoint covers these samples."""
+        """An optimizer step trained ``batches``: count their tokens; with consume-once, the
+        next checkpoint covers these samples."""
+        if self._tokens_trained >= 0:
+            self._tokens_trained += sum(batch.num_tokens for batch in batches)
         if self.parts.spec.train.consume_features:
             self._consumed.extend(s.ref.features for b in batches for s in b.samples)
 
@@ -108,8 +120,8 @@ class Checkpointer:
                 unevaluated = set(self.manager.step_dirs()) - {r.step for r in evals}
             await asyncio.to_thread(self.manager.update_best, evals)  # rotation spares it
         self.telemetry.sync_step_logs()
-        gathered: list[tuple[dict[str, int], torch.Tensor]] = [(position.rank_entry(),
-                                                                torch.get_rng_state())]  # fmt: skip
+        entry = position.rank_entry() | {"tokens_trained": self._tokens_trained}
+        gathered: list[tuple[dict[str, int], torch.Tensor]] = [(entry, torch.get_rng_state())]
         if self.world_size > 1:  # a collective: every rank comes here at the same step
             gathered = await asyncio.to_thread(all_gather_objects, gathered[0])
         draft, optimizer_state = parts.draft, None
@@ -128,7 +140,7 @@ class Checkpointer:
                 tensors["rng_cpu_by_rank"] = [rng for _, rng in gathered]
             saved = await asyncio.to_thread(
                 self.manager.save, draft, step, state, final=final,
-                protect=unevaluated, tensors=tensors,
+                protect=unevaluated, tensors=tensors, card=self._card_facts(state, final),
             )  # fmt: skip
             await self._publish(saved, state)
         if self.world_size > 1:  # the other ranks learn where rank 0 saved it
@@ -143,6 +155,7 @@ class Checkpointer:
     def _state(self, position: TrainingPosition, entries: list[dict[str, int]]) -> dict[str, Any]:
         """``trainer_state.json`` (``CheckpointManager.save`` adds format, step and final)."""
         parts = self.parts
+        tokens = [int(entry.get("tokens_trained", -1)) for entry in entries]
         return {
             "run_id": self.run_id,
             "data_run": parts.data_run,
@@ -151,6 +164,8 @@ class Checkpointer:
             "parallel": self.parallel,
             "strategy": parts.spec.draft.strategy,
             **checkpoint_fields(position, entries),
+            "tokens_trained": sum(tokens) if min(tokens) >= 0 else None,
+            "tokens_trained_by_rank": {str(rank): n for rank, n in enumerate(tokens)},
             "total_steps": parts.total_steps,
             "vocab_map_hash": parts.vocab_map.hash(),
             "run_spec_hash": parts.spec_hash,
@@ -158,6 +173,21 @@ class Checkpointer:
             "train_spec": msgspec.to_builtins(parts.spec.train),
             "created_at": time.time(),
         }
+
+    def _card_facts(self, state: dict[str, Any], final: bool) -> ModelCardFacts | None:
+        """The model card's facts (``CheckpointManager.save`` adds the config and sha256)."""
+        try:
+            loss = (state.get("metrics") or {}).get("loss")
+            return ModelCardFacts.from_spec(
+                self.parts.spec, step=int(state["global_step"]), final=final,
+                samples_trained=int(state["samples_consumed"]),
+                tokens_trained=state.get("tokens_trained"), sources=self.parts.summary.sources,
+                train_loss=float(loss) if loss is not None and math.isfinite(loss) else None,
+            )  # fmt: skip
+        except Exception as exc:  # documentation only: never fail a checkpoint over it
+            self.log.warning("model card facts unavailable; checkpoint saved without a card",
+                             error=repr(exc))  # fmt: skip
+            return None
 
     def _tensors(self, optimizer_state: dict[str, Any] | None) -> dict[str, Any]:
         """Optimizer and RNG states: tensors and plain containers (``weights_only`` loadable).
@@ -261,6 +291,8 @@ class Checkpointer:
         """Load a non-final checkpoint into the draft and optimizer; this rank's position."""
         position = await asyncio.to_thread(self._restore, step_dir, state)
         self.checkpointed_step = position.global_step
+        counted = (state.get("tokens_trained_by_rank") or {}).get(str(self.rank))
+        self._tokens_trained = int(counted) if counted is not None else -1
         sha256 = sha256_file(step_dir / WEIGHTS_NAME)
         await self.ensure_event(SavedCheckpoint(position.global_step, step_dir, sha256, False),
                                 state)  # fmt: skip

@@ -1,12 +1,15 @@
 """Checkpoint directories of a run: ``<output_dir>/<run>/checkpoints/step-XXXXXXXX/``.
 
 Each step dir is an SGLang-layout draft (``config.json`` + ``model.safetensors``, written by
-``save_draft``) plus ``trainer_state.json`` (step, samples consumed, stream position, vocab-map
+``save_draft``) with its model card ``README.md`` (``specforge_common.eagle3.model_card``: what
+the draft is, its training data, "not evaluated yet" until the evaluator rewrites it, the SGLang
+command) plus ``trainer_state.json`` (step, samples consumed, stream position, vocab-map
 and run-spec hashes, world size, strategy, the latest train metrics) and ``training_state.pt``
 (the tensors a resume needs beyond the weights: optimizer ``state_dict()`` and RNG states; a
 plain dict of tensors and numbers, read back only with ``torch.load(weights_only=True)``). A
-step dir appears atomically, complete with all three: it is assembled in a hidden staging dir
-and renamed into place. ``latest`` (a text file
+step dir appears atomically, complete with all of them: it is assembled in a hidden staging dir
+and renamed into place. The card is not part of the weights' sha256, so the evaluator's rewrite
+leaves the checkpoint's identity alone. ``latest`` (a text file
 naming the newest step dir) is replaced atomically after each save. Rotation keeps the newest
 ``keep_last`` step dirs plus step 0, every final checkpoint and the best one.
 
@@ -18,6 +21,7 @@ while its step dir exists and still holds the weights it scored (same sha256).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,7 +38,8 @@ import torch
 from specforge_common.contracts import EvalResult
 from specforge_common.durable import fsync_dir, fsync_file, sha256_file, temp_sibling, write_atomic
 from specforge_common.eagle3 import save_draft
-from specforge_common.eagle3.layout import WEIGHTS_NAME
+from specforge_common.eagle3.layout import CONFIG_NAME, WEIGHTS_NAME
+from specforge_common.eagle3.model_card import CARD_NAME, ModelCardFacts, render_model_card
 from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Draft
 
@@ -232,11 +237,15 @@ class CheckpointManager:
         final: bool = False,
         protect: Collection[int] = (),
         tensors: dict[str, Any] | None = None,
+        card: ModelCardFacts | None = None,
     ) -> SavedCheckpoint:
         """Write ``step-XXXXXXXX`` (replacing one of the same step), update ``latest``, rotate.
 
         ``tensors`` (optimizer state, RNG states: tensors, numbers, strings and plain
-        containers) go to ``training_state.pt`` in the same staging dir."""
+        containers) go to ``training_state.pt`` in the same staging dir. ``card``: the facts of
+        the draft's ``README.md``, completed here with the step, finality, weights sha256 and
+        the exported config, and written into the staging dir (a failure to write it is logged
+        and the checkpoint is written without it)."""
         name = step_dir_name(step)
         target = self.root / name
         staging = temp_sibling(target, "staging")
@@ -251,6 +260,8 @@ class CheckpointManager:
                     torch.save(tensors, file)
                 fsync_file(staging / TENSORS_NAME)
             sha256 = sha256_file(staging / WEIGHTS_NAME)
+            if card is not None:
+                self._write_card(staging, target, card, step=step, final=final, sha256=sha256)
             fsync_dir(staging)
             if target.exists():
                 old = temp_sibling(target, "old")
@@ -269,6 +280,22 @@ class CheckpointManager:
         log.info("checkpoint written", step=step, path=str(target), final=final,
                  sha256=sha256, rotated_out=[p.name for p in removed])  # fmt: skip
         return SavedCheckpoint(step, target, sha256, final)
+
+    @staticmethod
+    def _write_card(staging: Path, target: Path, card: ModelCardFacts, *, step: int, final: bool,
+                    sha256: str) -> None:  # fmt: skip
+        """The model card, in the staging dir; it names ``target``, where the draft will be."""
+        path = staging / CARD_NAME
+        try:
+            config = json.loads((staging / CONFIG_NAME).read_text())
+            facts = dataclasses.replace(card.with_config(config), step=step, final=final,
+                                        weights_sha256=sha256)  # fmt: skip
+            path.write_text(render_model_card(facts, draft_dir=target), encoding="utf-8")
+            fsync_file(path)
+        except Exception as exc:  # a card is documentation: never lose a checkpoint over it
+            path.unlink(missing_ok=True)
+            log.warning("model card not written; the checkpoint is saved without it",
+                        step=step, error=repr(exc))  # fmt: skip
 
     def _is_final(self, step_dir: Path) -> bool:
         try:

@@ -165,11 +165,10 @@ def test_a_reply_is_spliced_as_generated_with_the_loss_on_it_only() -> None:
     assert prompt.input_ids == [1, 20, 21, 22]  # the prompt itself is left alone
 
 
-def test_greedy_groups_batch_the_longest_prompts_and_sampling_goes_one_by_one() -> None:
+def test_decode_groups_batch_the_longest_prompts_together() -> None:
     lengths = [5, 9, 7, 9, 3]
-    assert decode_groups(lengths, temperature=0.0, batch_size=2) == [[1, 3], [2, 0], [4]]
-    assert decode_groups(lengths, temperature=0.7, batch_size=2) == [[0], [1], [2], [3], [4]]
-    assert decode_groups(lengths, temperature=0.0, batch_size=0) == [[1], [3], [2], [0], [4]]
+    assert decode_groups(lengths, batch_size=2) == [[1, 3], [2, 0], [4]]
+    assert decode_groups(lengths, batch_size=0) == [[1], [3], [2], [0], [4]]
 
 
 # --- forwards ---------------------------------------------------------------------------------

@@ -52,3 +52,30 @@ def test_missing_and_invalid_file(tmp_path: Path) -> None:
         load_run_spec(bad, env={})
     with pytest.raises(ConfigError, match="run_id"):
         build_run_spec({"target": {"path": "/m"}}, [], {})
+
+
+def test_packaged_configs_are_valid_run_specs_and_load_by_name() -> None:
+    """Every config shipped with the package (the demo, the recipes) is a valid RunSpec, and its
+    ``[launch]`` table (data source and volume) only holds keys ``specforge run`` knows."""
+    from specforge_common.config import launch_settings, packaged_configs, read_config
+
+    names = packaged_configs()
+    assert {"demo", "smollm2-chat"} <= set(names)
+    for name in names:
+        data = read_config(name)
+        launch = launch_settings(data)
+        assert set(launch) <= {"source", "limit"}
+        spec = build_run_spec({**data, "run_id": "r", "target": {"path": "/m"}}, [], {})
+        assert spec.max_length > 0
+        assert load_run_spec(name, ["run_id=r", "target.path=/m"], env={}) == spec
+    recipe = read_config("smollm2-chat")
+    assert recipe["capture"]["mode"] == "decode" and launch_settings(recipe)["limit"] > 0
+
+
+def test_a_bad_launch_table_is_refused() -> None:
+    from specforge_common.config import launch_settings
+
+    with pytest.raises(ConfigError, match="unknown key launch.sorce"):
+        launch_settings({"launch": {"sorce": "sharegpt"}})
+    with pytest.raises(ConfigError, match="launch.limit must be a int"):
+        launch_settings({"launch": {"limit": "many"}})

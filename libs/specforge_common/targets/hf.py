@@ -28,7 +28,8 @@ transformers-5 API and work on any model whose base exposes ``.layers``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from ..contracts import RunSpec
+from ..models.skinny_linear import skinny_linears
+from .decode_capture import Generated, generate_and_capture
 from .engine import AuxLayerIds, CaptureOutput, TargetInfo, resolve_aux_layer_ids
 
 
@@ -97,6 +100,8 @@ class HFTargetEngine:
         from transformers import GenerationConfig
 
         self.model = model.eval().requires_grad_(False)
+        if next(model.parameters()).device.type == "cpu":
+            skinny_linears(self.model)  # decode and verification steps: see its module doc
         self.model_dir = None if model_dir is None else Path(model_dir)
         self.info = target_info_from_config(model.config, getattr(model, "generation_config", None))
         self.aux_layer_ids: AuxLayerIds = resolve_aux_layer_ids(
@@ -155,6 +160,10 @@ class HFTargetEngine:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         return self._tokenizer
 
+    @property
+    def pad_token_id(self) -> int:
+        return self._pad_id()
+
     def _pad_id(self) -> int:
         if self.info.pad_token_id is not None:
             return self.info.pad_token_id
@@ -176,7 +185,33 @@ class HFTargetEngine:
     def capture(self, input_ids: Tensor, attention_mask: Tensor) -> CaptureOutput:
         """Aux layer outputs and the post-norm final hidden state; no logits, no KV cache."""
         ids, mask = self._inputs(input_ids, attention_mask)
-        batch, length = ids.shape
+        with self.aux_outputs(ids.shape) as aux:
+            out = self.base(input_ids=ids, attention_mask=mask, use_cache=False)
+        self.fill_final(aux, out.last_hidden_state)
+        return CaptureOutput(aux_hidden_states=aux, hidden_states=out.last_hidden_state)
+
+    def generate_and_capture(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int | Sequence[int],
+        temperature: float = 0.0,
+        seeds: Sequence[int | None] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[Generated]:
+        """Replies to token-id prompts with the features of prompt + reply (``decode_capture``)."""
+        return generate_and_capture(self, prompts, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, seeds=seeds,
+                                    stop_token_ids=stop_token_ids)  # fmt: skip
+
+    @contextmanager
+    def aux_outputs(self, shape: torch.Size | tuple[int, int]) -> Iterator[Tensor]:
+        """A ``[B, T, 3H]`` buffer that the aux layers' outputs fill during the block's forward.
+
+        HF's hidden_states[N] is the post-norm state, not the last layer's raw output; an
+        explicit aux id N-1 therefore means the final (post-norm) hidden state, which
+        ``fill_final`` copies in after the forward."""
+        batch, length = shape
         hidden = self.info.hidden_size
         aux = torch.empty(batch, length, 3 * hidden, device=self.device, dtype=self.dtype)
 
@@ -187,8 +222,6 @@ class HFTargetEngine:
 
             return hook
 
-        # HF's hidden_states[N] is the post-norm state, not the last layer's raw output; an
-        # explicit aux id N-1 therefore means the final (post-norm) hidden state.
         last = self.info.num_layers - 1
         handles = [
             self.layers[layer].register_forward_hook(grab(slot))
@@ -196,15 +229,17 @@ class HFTargetEngine:
             if layer != last
         ]
         try:
-            out = self.base(input_ids=ids, attention_mask=mask, use_cache=False)
+            yield aux
         finally:
             for handle in handles:
                 handle.remove()
-        final = out.last_hidden_state
+
+    def fill_final(self, aux: Tensor, final: Tensor) -> None:
+        """Copy the final hidden state into the slot of an aux id N-1 (see ``aux_outputs``)."""
+        hidden = self.info.hidden_size
         for slot, layer in enumerate(self.aux_layer_ids):
-            if layer == last:
+            if layer == self.info.num_layers - 1:
                 aux[..., slot * hidden : (slot + 1) * hidden].copy_(final)
-        return CaptureOutput(aux_hidden_states=aux, hidden_states=final)
 
     @torch.inference_mode()
     def forward_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

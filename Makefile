@@ -43,6 +43,13 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+# Trains the smollm2-chat recipe from scratch (about an hour on 2 CPU cores), then judges its
+# draft on prompts it never trained on; results in bench/results/quality.json. Options go in
+# ARGS, e.g. make bench-quality ARGS="--skip-run runs/quality-20260101-120000 --ks 3,5".
+.PHONY: bench-quality
+bench-quality: $(STAMP)
+	$(PY) -m bench quality $(ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

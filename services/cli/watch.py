@@ -93,7 +93,8 @@ def spawn_services(
          max(1, cores // 2))
         for i in range(args.captures)
     ]  # fmt: skip
-    plan.append(("trainer", ["train", *common], max(1, cores // 2)))
+    plan.append(("trainer", ["train", *common, "--threads-after-capture", str(cores)],
+                 max(1, cores // 2)))  # fmt: skip
     plan.append(("evaluator", ["evaluate", *common, "--exit-when-final"], 1))
     services: list[Service] = []
     for name, argv, threads in plan:

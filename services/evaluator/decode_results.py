@@ -10,14 +10,34 @@ Metric conventions (``docs/eagle3.md``, "Acceptance length: simulated vs serving
   over the rounds that drafted position j and reached it.
 * draft seconds / target seconds per verification step; ``prefill_seconds`` covers the target
   prefill and the draft's step 0 over the prompt; ``wall_seconds`` everything.
+* **ideal speedup** (``ideal_speedup``) = ``AL x t_plain / (t_verify + k x t_draft)``: what the
+  measured acceptance length would buy if a round cost nothing but one verification of k+1
+  tokens and k draft steps, against one plain target step per token. The measured speedup
+  falls short of it by the prefills, the shorter last rounds and the loop's own overhead, so
+  their ratio says how much of the acceptance the implementation turns into speed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["SpeculativeReport", "SpeculativeResult", "TargetDecodeResult"]
+__all__ = ["SpeculativeReport", "SpeculativeResult", "TargetDecodeResult", "ideal_speedup"]
+
+
+def ideal_speedup(
+    acceptance_length: float, plain_ms: float, verify_ms: float, draft_ms: float, k: int
+) -> float:
+    """``AL x plain / (verify + k x draft)``: the speedup bound of chains of ``k`` drafts, from
+    the serving acceptance length (bonus included), one plain target step, one verification
+    forward of k+1 tokens and one draft step (all ms). NaN when a term is unknown or the
+    denominator is not positive, so a report shows a gap rather than a made-up number."""
+    terms = (acceptance_length, plain_ms, verify_ms, draft_ms)
+    if any(math.isnan(t) for t in terms):
+        return math.nan
+    cost = verify_ms + k * draft_ms
+    return acceptance_length * plain_ms / cost if cost > 0 else math.nan
 
 
 def _per_position(accepted: Sequence[int], drafted: Sequence[int], k: int) -> list[float]:
@@ -89,6 +109,11 @@ class SpeculativeReport:
         """Serving acceptance length pooled over all verification steps of all prompts."""
         steps = self.steps
         return sum(sum(r.emitted) for r in self.results) / steps if steps else float("nan")
+
+    @property
+    def drafted(self) -> int:
+        """Draft tokens proposed over all rounds (k a round, fewer near ``max_new_tokens``)."""
+        return sum(sum(r.drafted) for r in self.results)
 
     def per_position_acceptance(self) -> list[float]:
         accepted = [a for r in self.results for a in r.accepted]

@@ -13,7 +13,13 @@ speculatively and returns the EvalResult fields:
   and first differing position in ``metrics``, and the error is logged (a checkpoint must not
   be silently dropped, and the next one is still evaluated);
 - ``metrics``: ``k``, ``temperature``, ``draft_ms_per_step``, ``target_ms_per_step``,
-  ``tokens_per_s_spec``, ``tokens_per_s_target`` and ``speedup`` (their ratio).
+  ``tokens_per_s_spec``, ``tokens_per_s_target`` and ``speedup`` (their ratio), and the four
+  terms of the speedup bound ``AL x t_plain / (t_verify(k+1) + k x t_draft)`` with it:
+  ``plain_step_ms`` (the baseline decode's wall / its tokens), ``verify_ms_per_step`` (one
+  verification forward of k+1 tokens, as ``target_ms_per_step``), ``draft_ms_per_token`` (draft
+  time / drafted tokens), ``ideal_speedup`` and ``speedup_vs_ideal`` (measured / ideal). A
+  speedup below 1 then says which term is to blame: too few tokens accepted, a verification
+  much dearer than a plain step, or a draft step too slow for its k.
 
 Prompts come from captured eval samples (``prompts_from_samples``: the tokens before the first
 supervised one, i.e. the conversation up to the assistant's reply) or from a dataset file
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +41,7 @@ from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Draft
 from specforge_common.targets.hf import HFTargetEngine
 
+from .decode_results import ideal_speedup
 from .speculative import (
     LosslessnessError,
     evaluate_speculative,
@@ -62,20 +69,33 @@ def prompts_from_samples(samples: Sequence[Mapping[str, Tensor]], limit: int) ->
 
 
 def prompts_from_source(
-    source: str, tokenizer: Any, limit: int, *, chat_template: str = "", max_length: int = 2048
+    source: str,
+    tokenizer: Any,
+    limit: int,
+    *,
+    chat_template: str = "",
+    max_length: int = 2048,
+    records: int | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> list[list[int]]:
     """Prompts from a dataset file (any format ``specforge enqueue`` reads): the templated
     conversation before its first assistant turn, or a pre-tokenized record's ids before its
-    first loss-masked token. Records that yield no prompt are skipped with a log line."""
+    first loss-masked token. Records that yield no prompt are skipped with a log line.
+
+    ``records`` reads only the source's first records (a run's ``--limit``) and ``keep`` picks
+    records by id, so a caller can rebuild exactly one split of a run, e.g. its held-out eval
+    prompts (``keep=lambda id: split_of(id, spec.eval_fraction, spec.seed) == "eval"``)."""
     from specforge_common.data.chat import ChatTemplateError, generation_prompt_ids
     from specforge_common.data.sources import BadRecord, read_conversations
 
     prompts: list[list[int]] = []
-    for record in read_conversations(source):
+    for record in read_conversations(source, records):
         if len(prompts) >= limit:
             break
         if isinstance(record, BadRecord):
             log.warning("bad record skipped", line=record.line, reason=record.reason)
+            continue
+        if keep is not None and not keep(record.id):
             continue
         if record.pretokenized:
             mask = record.loss_mask or []
@@ -135,6 +155,19 @@ class ServingEval:
         self.temperature, self.seed = temperature, seed
         self.references: list[list[int]] | None = None
         self.baseline_tokens_per_s = math.nan
+        self.plain_step_ms = math.nan  # the baseline's wall / tokens: one plain decode step
+
+    def with_draft_tokens(self, num_draft_tokens: int) -> ServingEval:
+        """The same prompts at another chain length, sharing what ``prepare`` measured (the
+        references and the baseline do not depend on k), so comparing ks costs no second
+        baseline decode and every k is measured against the same baseline."""
+        other = ServingEval(self.engine, self.prompts, num_draft_tokens=num_draft_tokens,
+                            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                            seed=self.seed)  # fmt: skip
+        other.references = self.references
+        other.baseline_tokens_per_s, other.plain_step_ms = (self.baseline_tokens_per_s,
+                                                            self.plain_step_ms)  # fmt: skip
+        return other
 
     @torch.inference_mode()
     def prepare(self) -> None:
@@ -150,8 +183,10 @@ class ServingEval:
             tokens += len(result.tokens)
             seconds += result.wall_seconds
         self.baseline_tokens_per_s = tokens / seconds if seconds > 0 else math.nan
+        self.plain_step_ms = 1e3 * seconds / tokens if seconds > 0 and tokens else math.nan
         log.info("serving baseline ready", prompts=len(self.prompts),
                  target_tokens_per_s=round(self.baseline_tokens_per_s, 2),
+                 plain_step_ms=round(self.plain_step_ms, 3),
                  seconds=round(time.perf_counter() - started, 3))  # fmt: skip
 
     def evaluate(self, draft: Eagle3Draft) -> ServingOutcome:
@@ -179,16 +214,27 @@ class ServingEval:
                                   error=str(exc))  # fmt: skip
         steps = max(report.steps, 1)
         spec_rate = report.tokens / max(report.wall_seconds, 1e-12)
+        verify_ms = 1e3 * report.target_seconds / steps
+        draft_ms = 1e3 * report.draft_seconds / report.drafted if report.drafted else math.nan
+        speedup = spec_rate / self.baseline_tokens_per_s
+        ideal = ideal_speedup(report.acceptance_length, self.plain_step_ms, verify_ms, draft_ms,
+                              self.k)  # fmt: skip
         metrics = base | {
             "k": float(self.k),
             "temperature": float(self.temperature),
             "draft_ms_per_step": 1e3 * report.draft_seconds / steps,
-            "target_ms_per_step": 1e3 * report.target_seconds / steps,
+            "target_ms_per_step": verify_ms,
             "tokens_per_s_spec": spec_rate,
             "tokens_per_s_target": self.baseline_tokens_per_s,
-            "speedup": spec_rate / self.baseline_tokens_per_s,
+            "speedup": speedup,
+            "plain_step_ms": self.plain_step_ms,
+            "verify_ms_per_step": verify_ms,
+            "draft_ms_per_token": draft_ms,
+            "ideal_speedup": ideal,
+            "speedup_vs_ideal": speedup / ideal if ideal > 0 else math.nan,
             "serving/steps": float(report.steps),
             "serving/tokens": float(report.tokens),
+            "serving/drafted": float(report.drafted),
         }
         rates = report.per_position_acceptance()
         return ServingOutcome(report.acceptance_length, rates, report.lossless, metrics,

@@ -5,9 +5,11 @@ The prompts are a dataset file in any format ``specforge enqueue`` reads (each c
 to its first assistant turn, templated with the target tokenizer's generation prompt). The
 draft proposes ``--k`` tokens per target verification; at temperature 0 every output is checked
 token for token against the target's own greedy output. Prints the serving acceptance length
-(tokens per verification, bonus token included), the per-position acceptance and the speedup
-over plain target decoding measured in the same process, and writes them as JSON with
-``--json``. Exit codes: 0 measured (and lossless at temperature 0), 1 NOT lossless, 2 bad input.
+(tokens per verification, bonus token included), the per-position acceptance, the speedup
+over plain target decoding measured in the same process and the bound that acceptance length
+allows (``ideal = AL x plain step / (verify + k x draft step)``, with its four measured
+terms), and writes them as JSON with ``--json``. Exit codes: 0 measured (and lossless at
+temperature 0), 1 NOT lossless, 2 bad input.
 """
 
 from __future__ import annotations
@@ -106,5 +108,29 @@ def _summary(n: dict) -> str:
         f"target alone: speedup {m['speedup']:.2f}x "
         f"(draft {m['draft_ms_per_step']:.1f} ms + target {m['target_ms_per_step']:.1f} ms "
         "per step)",
+        "  " + _ideal_line(n["serving_acceptance_length"], n["k"], m),
     ]
     return "\n".join(lines)
+
+
+def _ideal_line(acceptance_length: float, k: int, m: dict) -> str:
+    """The speedup bound and its four terms, then how much of it was measured: a gap between
+    the two is the loop's overhead, a low bound is the acceptance or the step costs."""
+    return (
+        f"ideal {_x(m['ideal_speedup'])} = AL {acceptance_length:.2f} x plain "
+        f"{_ms(m['plain_step_ms'])} / (verify {_ms(m['verify_ms_per_step'])} + {k} x draft "
+        f"{_ms(m['draft_ms_per_token'])}); measured {_x(m['speedup'])} = "
+        + ("-" if math.isnan(m["speedup_vs_ideal"]) else f"{m['speedup_vs_ideal']:.2f}")
+        + " of ideal"
+    )
+
+
+def _x(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}x"
+
+
+def _ms(value: float) -> str:
+    """Three significant digits (71.2 ms on SmolLM2, 0.412 ms on a tiny target), no exponent."""
+    if math.isnan(value):
+        return "- ms"
+    return f"{value:.0f} ms" if value >= 100 else f"{value:.3g} ms"

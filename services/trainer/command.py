@@ -50,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument(
+        "--threads-after-capture", type=int, default=None,
+        help="torch CPU threads from the second epoch on, when the samples log is complete and "
+        "capture no longer needs its cores (a launcher sharing cores with capture sets it)",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-resume",
         action="store_true",
         help="train from scratch even if the run has checkpoints (they are overwritten)",
@@ -102,7 +107,8 @@ async def run_trainer(args: argparse.Namespace) -> int:
             trainer = Trainer(bus, args.run, device=device, spec_timeout=args.spec_timeout,
                               resume=not args.no_resume, rank=env.rank,
                               world_size=env.world_size, local_rank=env.local_rank,
-                              parallel="fsdp" if args.fsdp else "ddp")  # fmt: skip
+                              parallel="fsdp" if args.fsdp else "ddp",
+                              threads_after_capture=args.threads_after_capture)  # fmt: skip
         except TrainerError as exc:
             print(f"specforge train: {exc}", file=sys.stderr)
             return 1

@@ -79,6 +79,7 @@ class Trainer:
         world_size: int = 1,
         local_rank: int | None = None,
         parallel: Parallel = "ddp",
+        threads_after_capture: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise TrainerError(f"rank {rank} is outside world size {world_size}")
@@ -90,6 +91,8 @@ class Trainer:
         self.device = resolve_device(device, world_size, self.local_rank)
         self.spec_timeout, self.summary_timeout = spec_timeout, summary_timeout
         self.prefetch, self.fetch_threads = prefetch, fetch_threads
+        # Epochs after the first read a complete log: capture is done and its cores are free.
+        self.threads_after_capture = threads_after_capture
         self.log = get_logger(service=SERVICE, run=run_id, rank=rank)
         self._stop = asyncio.Event()
         self._ready = False
@@ -237,7 +240,13 @@ class Trainer:
         finally:
             stop.cancel()
         if fetch.done():
-            return fetch.result()
+            batch = fetch.result()
+            if batch is not None and batch.epoch > 0 and self.threads_after_capture:
+                if torch.get_num_threads() != self.threads_after_capture:
+                    self.log.info("capture is done: training on more threads",
+                                  threads=self.threads_after_capture)  # fmt: skip
+                    torch.set_num_threads(self.threads_after_capture)
+            return batch
         await cancel_and_wait(fetch)
         return None
 

@@ -82,6 +82,11 @@ async def test_evaluates_each_checkpoint_and_exits_after_the_final_one(
         assert len(r.serving_acceptance_rates) == spec.eval.num_draft_tokens
         assert r.metrics["serving/prompts"] == 5 and r.metrics["k"] == spec.eval.num_draft_tokens
         assert r.metrics["speedup"] > 0 and r.metrics["tokens_per_s_target"] > 0
+        m, sal = r.metrics, r.serving_acceptance_length
+        assert m["ideal_speedup"] == pytest.approx(
+            sal * m["plain_step_ms"] / (m["verify_ms_per_step"] + m["k"] * m["draft_ms_per_token"])
+        )
+        assert 0 < m["speedup_vs_ideal"] < 1.5
         assert r.metrics["eval/samples"] == 5 and r.metrics["eval/samples_skipped"] == 0
         assert {"eval/acc_0", "eval/loss", "eval/simulated_acc_len"} <= set(r.metrics)
         assert r.metrics["eval/acc_0"] == r.acceptance_rates[0]

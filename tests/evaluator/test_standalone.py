@@ -61,6 +61,19 @@ def test_standalone_evaluation_decodes_losslessly_and_reports(
     assert m["serving/tokens"] == 4 * 8 and m["k"] == 3
     assert m["speedup"] == pytest.approx(m["tokens_per_s_spec"] / m["tokens_per_s_target"])
     assert "serving acceptance length" in printed and "bonus token included" in printed
+    # The four terms of the speedup bound, on the reported numbers, and the measured share of it.
+    al, k = numbers["serving_acceptance_length"], m["k"]
+    terms = [m["plain_step_ms"], m["verify_ms_per_step"], m["draft_ms_per_token"]]
+    assert all(t > 0 for t in terms)
+    assert m["verify_ms_per_step"] == m["target_ms_per_step"]
+    assert m["ideal_speedup"] == pytest.approx(
+        al * m["plain_step_ms"] / (m["verify_ms_per_step"] + k * m["draft_ms_per_token"])
+    )
+    assert m["speedup_vs_ideal"] == pytest.approx(m["speedup"] / m["ideal_speedup"])
+    assert 0 < m["speedup_vs_ideal"] < 1.5
+    assert m["serving/drafted"] > 0
+    assert f"ideal {m['ideal_speedup']:.2f}x = AL {al:.2f} x plain" in printed
+    assert f"measured {m['speedup']:.2f}x = {m['speedup_vs_ideal']:.2f} of ideal" in printed
 
 
 def test_standalone_evaluation_refuses_incomplete_or_bad_input(

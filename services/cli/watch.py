@@ -203,6 +203,9 @@ class RunWatcher:
                 verdict = "better than" if after > before else "NOT better than"
                 lines.append(f"  the trained draft ({after:.4f}) is {verdict} the untrained one "
                              f"({before:.4f})")  # fmt: skip
+            verdict_line = pays_for_itself(self.evals[-1], spec.eval.num_draft_tokens)
+            if verdict_line:
+                lines.append(f"  {verdict_line}")
         latest = checkpoints_root(spec.output_dir, spec.run_id) / LATEST_NAME
         if latest.exists():
             draft_dir = latest.parent / latest.read_text().strip()
@@ -211,6 +214,21 @@ class RunWatcher:
             lines.append(f"  report   {self.report}")
         lines.append(f"  logs     {workdir / 'logs'}")
         print("\n".join(lines))
+
+
+def pays_for_itself(result: EvalResult, k: int) -> str | None:
+    """One line: is speculative decoding with this draft faster than the target alone, here?"""
+    speedup = result.metrics.get("speedup")
+    if speedup is None or speedup != speedup:
+        return None
+    chain = f", k = {k}"
+    srv = _num(result.serving_acceptance_length, 2)
+    if speedup >= 1.0:
+        return (f"the draft pays for itself on this machine: {speedup:.2f}x the target's own "
+                f"decoding speed (serving acceptance length {srv}{chain})")
+    return (f"the draft does NOT pay for itself on this machine yet: {speedup:.2f}x the "
+            f"target's own decoding speed (serving acceptance length {srv}{chain}); "
+            "it needs more training")
 
 
 def _num(value: float | None, digits: int = 4) -> str:

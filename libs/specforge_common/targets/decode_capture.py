@@ -7,8 +7,9 @@ gives the prompt's, each step the new token's, and one last step feeds the final
 every token of prompt + reply has its features. On SmolLM2-135M that is one target forward per
 token instead of two (``bench/capture.py`` measures it).
 
-Rows are left-padded with explicit position ids; a finished row keeps stepping on pad tokens
-until the batch is done (its later states are dropped). Greedy rows take the argmax; sampled rows
+Each prompt is prefilled alone, so no prefill compute goes to padding; the rows' caches are then
+left-padded into one batch that steps together with explicit position ids. A finished row keeps
+stepping on pad tokens until the batch is done (its later states are dropped). Greedy rows take the argmax; sampled rows
 draw from ``softmax(logits / temperature)`` with their own seeded generator, so a row's reply
 depends on its seed, not on its batch mates (up to float rounding of a padded batch).
 """
@@ -62,22 +63,23 @@ def generate_and_capture(
             generator.manual_seed(seed) if seed is not None else generator.seed()
             generators.append(generator)
 
-    width = max(len(p) for p in prompts)
-    pad = engine.pad_token_id
-    ids = torch.full((rows, width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((rows, width), dtype=torch.long, device=device)
-    for r, prompt in enumerate(prompts):
-        ids[r, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        mask[r, width - len(prompt) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    steps: list[tuple[Tensor, Tensor]] = []  # (aux [B, t, 3H], final [B, t, H]) per forward
+    # Each prompt is prefilled alone (no padding: a batch padded to its longest prompt spends
+    # most of its prefill on pads), then the rows' caches are left-padded into one batch.
+    prefills = [_prefill(engine, prompt) for prompt in prompts]
+    width = max(len(p) for p in prompts)
+    cache = DynamicCache(ddp_cache_data=_left_padded_cache([c for c, _, _ in prefills], width))
+    mask = torch.zeros((rows, width), dtype=torch.long, device=device)
+    for r, prompt in enumerate(prompts):
+        mask[r, width - len(prompt) :] = 1
+    positions = torch.tensor([[len(p) - 1] for p in prompts], dtype=torch.long, device=device)
+    logits = torch.cat([last for _, _, last in prefills])
+
+    pad = engine.pad_token_id
+    steps: list[tuple[Tensor, Tensor]] = []  # (aux [B, 1, 3H], final [B, 1, H]) per step
     replies: list[list[int]] = [[] for _ in range(rows)]
     done = [limit <= 0 for limit in limits]
-    logits = _step(engine, ids, mask, positions, cache, steps)
     while not all(done):
         tokens = _choose(logits, temperature, generators)
         for r, token in enumerate(tokens):
@@ -88,23 +90,56 @@ def generate_and_capture(
             done[r] = token in stops or len(replies[r]) >= limits[r]
         step_ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
         mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long, device=device)], dim=1)
-        positions = positions[:, -1:] + 1
+        positions = positions + 1
         logits = _step(engine, step_ids, mask, positions, cache, steps)
 
     out = []
-    for r, prompt in enumerate(prompts):
-        n = len(prompt)
-        aux = [steps[0][0][r, width - n :]] + [a[r] for a, _ in steps[1 : 1 + len(replies[r])]]
-        final = [steps[0][1][r, width - n :]] + [f[r] for _, f in steps[1 : 1 + len(replies[r])]]
+    for r, (_, (prompt_aux, prompt_final), _) in enumerate(prefills):
+        n = len(replies[r])
+        aux = [prompt_aux] + [a[r] for a, _ in steps[:n]]
+        final = [prompt_final] + [f[r] for _, f in steps[:n]]
         out.append(Generated(replies[r], torch.cat(aux).cpu(), torch.cat(final).cpu()))
     return out
+
+
+def _prefill(
+    engine: HFTargetEngine, prompt: Sequence[int]
+) -> tuple[list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor], Tensor]:
+    """One prompt alone: its per-layer (keys, values), features ([n, 3H], [n, H]) and the
+    logits [1, V] of its last position."""
+    from transformers import DynamicCache
+
+    ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=engine.device)
+    cache = DynamicCache()
+    steps: list[tuple[Tensor, Tensor]] = []
+    logits = _step(engine, ids, torch.ones_like(ids), None, cache, steps)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    (aux, final), = steps
+    return layers, (aux[0], final[0]), logits
+
+
+def _left_padded_cache(
+    rows: Sequence[list[tuple[Tensor, Tensor]]], width: int
+) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, the rows' ``[1, heads, n, d]`` keys and values left-padded with zeros into
+    ``[B, heads, width, d]`` (the attention mask hides the pads)."""
+    merged = []
+    for layer in zip(*rows, strict=True):
+        keys, values = layer[0]
+        shape = (len(rows), keys.shape[1], width, keys.shape[3])
+        k_all, v_all = keys.new_zeros(shape), values.new_zeros(shape)
+        for r, (k, v) in enumerate(layer):
+            k_all[r, :, width - k.shape[2] :] = k[0]
+            v_all[r, :, width - v.shape[2] :] = v[0]
+        merged.append((k_all, v_all))
+    return merged
 
 
 def _step(
     engine: HFTargetEngine,
     ids: Tensor,
     mask: Tensor,
-    positions: Tensor,
+    positions: Tensor | None,
     cache: object,
     steps: list[tuple[Tensor, Tensor]],
 ) -> Tensor:

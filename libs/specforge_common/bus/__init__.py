@@ -13,11 +13,9 @@ from .protocol import (
     BusError,
     ConsumerLag,
     Delivery,
-    OnUndecodable,
     Published,
     RunSpecConflict,
     StreamState,
-    Undecodable,
     WorkConsumer,
 )
 from .reads import heartbeat
@@ -29,11 +27,9 @@ __all__ = [
     "ConsumerLag",
     "Delivery",
     "LocalBus",
-    "OnUndecodable",
     "Published",
     "RunSpecConflict",
     "StreamState",
-    "Undecodable",
     "WorkConsumer",
     "add_bus_arguments",
     "bus_config_from_args",

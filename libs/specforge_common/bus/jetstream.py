@@ -21,20 +21,19 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ..contracts import ContractError, PromptTask, Record, RunSpec, decode, encode
+from ..contracts import PromptTask, Record, RunSpec, encode
 from ..log import get_logger
-from ..subjects import RUNS_BUCKET, STREAM_KINDS, RunSubjects, StreamKind
+from ..subjects import RUNS_BUCKET, STREAM_KINDS, RunSubjects, StreamKind, kv_subject, matches
 from .config import BusConfig
 from .jetstream_consumer import JetStreamWorkConsumer, stream_sequence
 from .protocol import (
     BusError,
     ConsumerLag,
-    OnUndecodable,
     Published,
     RunSpecConflict,
     StreamState,
 )
-from .reads import BusReads, decode_or_report, given_up_reason
+from .reads import BusReads, given_up_reason
 
 log = get_logger(component="bus")
 
@@ -45,6 +44,7 @@ class JetStreamBus(BusReads):
     """A JetStream connection (``protocol.Bus``)."""
 
     def __init__(self, nc: nats.NATS, config: BusConfig) -> None:
+        super().__init__()
         self.nc = nc
         self.js = nc.jetstream(timeout=config.request_timeout_s)
         self.config = config
@@ -288,7 +288,6 @@ class JetStreamBus(BusReads):
         *,
         follow: bool = False,
         idle_timeout: float = 5.0,
-        undecodable: OnUndecodable | None = None,
     ) -> AsyncIterator[tuple[int, Any]]:
         """Ordered read of ``subject`` in ``stream`` from ``start_seq`` (an ordered consumer)."""
         last = None
@@ -315,9 +314,7 @@ class JetStreamBus(BusReads):
                         continue
                     raise BusError(f"reading {subject} stalled before sequence {last}") from None
                 seq = stream_sequence(msg)
-                record = await decode_or_report(
-                    seq, msg.subject, msg.data, record_type, undecodable
-                )
+                record = await self.read_record(msg.subject, seq, msg.data, record_type)
                 if record is not None:
                     yield seq, record
                 if last is not None and seq >= last:
@@ -333,20 +330,40 @@ class JetStreamBus(BusReads):
             msg = await self.js.get_msg(subjects.stream("promptlog"), subject=subject)
         except nats.js.errors.NotFoundError:  # no such message, or no prompt log at all
             return None
-        return decode(msg.data, PromptTask, subject=subject)
+        return await self.read_record(subject, msg.seq, msg.data or b"", PromptTask)
 
     async def last_entry(
         self, run_id: str, kind: StreamKind, record_type: Any
     ) -> tuple[int, Any] | None:
-        """``(stream sequence, record)`` of the newest message of a run stream, or None."""
+        """``(stream sequence, record)`` of the newest readable message of a run stream, or
+        None. Unreadable newer ones are dead-lettered and the walk goes back past them."""
         subjects = RunSubjects(run_id)
+        stream, subject = subjects.stream(kind), subjects.stream_subjects(kind)[0]
         try:
-            msg = await self.js.get_msg(
-                subjects.stream(kind), subject=subjects.stream_subjects(kind)[0]
-            )
+            msg = await self.js.get_msg(stream, subject=subject)
         except nats.js.errors.NotFoundError:
             return None
-        return int(msg.seq or 0), decode(msg.data, record_type, subject=msg.subject)
+        while True:
+            seq = int(msg.seq or 0)
+            record = await self.read_record(msg.subject, seq, msg.data or b"", record_type)
+            if record is not None:
+                return seq, record
+            msg = await self._previous(stream, subject, seq)
+            if msg is None:
+                return None
+
+    async def _previous(self, stream: str, subject: str, seq: int) -> Any | None:
+        """The newest message of ``subject`` before ``seq`` (JetStream only looks forward by
+        subject, so this steps back one sequence at a time: rare, after a bad message)."""
+        first = int((await self.js.stream_info(stream)).state.first_seq or 1)
+        for before in range(seq - 1, first - 1, -1):
+            try:
+                msg = await self.js.get_msg(stream, before)
+            except nats.js.errors.NotFoundError:  # deleted
+                continue
+            if matches(subject, msg.subject or ""):
+                return msg
+        return None
 
     # --- run specs -------------------------------------------------------------------------
 
@@ -385,7 +402,7 @@ class JetStreamBus(BusReads):
             return None
         if entry.value is None:
             return None
-        return decode(entry.value, record_type, subject=f"$KV.{RUNS_BUCKET}.{key}")
+        return await self.read_record(kv_subject(key), entry.revision, entry.value, record_type)
 
     async def records_by_prefix(self, prefix: str, record_type: Any) -> dict[str, Any]:
         """Every live record whose KV key starts with ``prefix`` (a dotted prefix such as
@@ -410,10 +427,9 @@ class JetStreamBus(BusReads):
                 continue
             if not entry.value:
                 continue
-            try:
-                found[key] = decode(entry.value, record_type, subject=subject)
-            except ContractError as exc:
-                log.warning("unreadable KV record ignored", key=key, error=str(exc))
+            record = await self.read_record(subject, entry.revision, entry.value, record_type)
+            if record is not None:
+                found[key] = record
         return found
 
     async def put_run_spec(self, spec: RunSpec, *, replace: bool = False) -> RunSpec:
@@ -431,7 +447,8 @@ class JetStreamBus(BusReads):
         if not replace:
             raise RunSpecConflict(
                 f"run {spec.run_id!r} already has a different spec (hash "
-                f"{existing.spec_hash() if existing else '?'} vs {spec.spec_hash()}); "
+                f"{existing.spec_hash() if existing else 'unreadable, dead-lettered'} vs "
+                f"{spec.spec_hash()}); "
                 "choose a new run id or replace it explicitly"
             )
         await kv.put(spec.run_id, data)

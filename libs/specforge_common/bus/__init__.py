@@ -6,7 +6,7 @@ take a ``Bus`` and never see which one they were given.
 
 from __future__ import annotations
 
-from .config import BusConfig, add_bus_arguments, bus_config_from_args
+from .config import DEFAULT_ACK_WAIT_S, BusConfig, add_bus_arguments, bus_config_from_args
 from .local import LocalBus
 from .protocol import (
     Bus,
@@ -21,6 +21,7 @@ from .protocol import (
 from .reads import heartbeat
 
 __all__ = [
+    "DEFAULT_ACK_WAIT_S",
     "Bus",
     "BusConfig",
     "BusError",

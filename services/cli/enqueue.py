@@ -95,6 +95,8 @@ async def _enqueue(args: argparse.Namespace) -> int:
                     "--config run.toml (and/or --set key=value) to start it"
                 )
                 return 2
+            # Streams first: services that find the spec find its streams (they may not make them).
+            await bus.ensure_streams(args.run)
             try:
                 spec = await bus.put_run_spec(wanted)
             except RunSpecConflict as exc:

@@ -11,6 +11,7 @@ from .local import LocalBus
 from .protocol import (
     Bus,
     BusError,
+    BusPermissionError,
     ConsumerLag,
     Delivery,
     Published,
@@ -25,6 +26,7 @@ __all__ = [
     "Bus",
     "BusConfig",
     "BusError",
+    "BusPermissionError",
     "ConsumerLag",
     "Delivery",
     "LocalBus",

@@ -30,6 +30,11 @@ class BusError(RuntimeError):
     pass
 
 
+class BusPermissionError(BusError):
+    """The server refused this connection's user an operation (deploy/nats-server.conf gives
+    each role only the subjects its job needs)."""
+
+
 class RunSpecConflict(BusError):
     """A different RunSpec is already stored under this run id."""
 

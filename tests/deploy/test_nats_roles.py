@@ -7,12 +7,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from specforge_common.bus import open_bus
 from specforge_common.contracts import CheckpointEvent, EvalResult
+from specforge_common.nats_server import terminate
 from specforge_common.targets.tiny import make_tiny_target
 from tests.common.bus.roles import PASSWORDS, role_config, role_server
 from tests.test_end_to_end import write_config, write_dataset
@@ -47,12 +49,24 @@ async def test_each_service_runs_as_its_own_role(tmp_path: Path, run_id: str) ->
             "trainer": ["train", "--device", "cpu"],
             "evaluator": ["evaluate", "--exit-when-final", "--device", "cpu"],
         }
+        logs = {role: (tmp_path / f"{role}.log").open("w+") for role in commands}
         processes = {
             role: subprocess.Popen([*cli, *argv, "--run", run_id], env=role_env(server.url, role),
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                   stdout=logs[role], stderr=subprocess.STDOUT, text=True)
             for role, argv in commands.items()
         }  # fmt: skip
-        outputs = {role: p.communicate(timeout=600)[0] for role, p in processes.items()}
+        try:  # a refused service exits non-zero; the others would wait for it: stop them then
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and any(p.poll() is None for p in processes.values()):
+                if any(p.poll() not in (None, 0) for p in processes.values()):
+                    break
+                time.sleep(0.5)
+            failed = [role for role, p in processes.items() if p.poll() not in (None, 0)]
+        finally:
+            for process in processes.values():
+                terminate(process)
+        outputs = {role: (tmp_path / f"{role}.log").read_text() for role in commands}
+        assert not failed, "\n".join(f"{role}:\n{outputs[role][-4000:]}" for role in failed)
         for role, process in processes.items():
             assert process.returncode == 0, f"{role}:\n{outputs[role][-4000:]}"
             assert "permissions violation" not in outputs[role].lower(), outputs[role][-4000:]

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from specforge_common import faults
 from specforge_common.aio import cancel_and_wait
 from specforge_common.batch import SampleError, check_sample
 from specforge_common.bus import Bus, Delivery, heartbeat
@@ -332,6 +333,7 @@ class Evaluator:
             self.report.dead_lettered.append(event.step)
         else:
             # the card first: a reader of the EvalResult finds it filled in (failures only log)
+            faults.point("evaluator.mid_eval")  # evaluated, nothing published or acked
             await self._rewrite_card(event, result)
             await self.bus.publish(
                 self.subjects.evals, result, msg_id=f"eval:{self.run_id}:{event.step}"

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench lint fmt clean
+.PHONY: setup demo test test-all test-faults bench lint fmt clean
 
 setup: $(STAMP)
 
@@ -38,7 +38,18 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q --runslow
+	$(PY) -m pytest -q --runslow --runfaults
+
+# The whole fault matrix (docs/operations.md, "Faults"): services and nats-server killed with
+# SIGKILL at chosen points, a full disk; a few minutes. The fast scenarios also run in make test.
+test-faults: $(STAMP)
+	$(PY) -m pytest -q --runfaults tests/faults
+
+# Load: >= 20,000 prompts through enqueue -> 4 capture processes -> trainer (not in make test);
+# results in bench/results/soak.json. Scale with ARGS="--prompts 2000".
+.PHONY: bench-soak
+bench-soak: $(STAMP)
+	$(PY) -m bench soak $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -2,7 +2,9 @@
 
 ``python -m bench quality [options]`` runs the on-demand quality suite instead: it trains a
 recipe from scratch (about an hour on 2 CPU cores), so a plain ``python -m bench`` leaves it
-out; it takes its own options (``python -m bench quality --help``).
+out; it takes its own options (``python -m bench quality --help``). So does ``python -m bench
+soak`` (20,000 prompts through 4 capture processes and a trainer: throughput, RSS over time,
+lag, lost / doubled; ``--prompts`` scales it down).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ SUITES = [
     "speculative",
 ]
 # Run only when named, each with its own command line (``main(argv) -> exit code``).
-ON_DEMAND = ["quality"]
+ON_DEMAND = ["quality", "soak"]
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ _run_counter = itertools.count()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--runfaults", action="store_true", help="also run tests marked faults")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -25,9 +26,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     except ImportError:
         has_cuda = False
     run_slow = config.getoption("--runslow")
+    run_faults = config.getoption("--runfaults")
     for item in items:
         if "slow" in item.keywords and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
+        if "faults" in item.keywords and not run_faults:
+            item.add_marker(pytest.mark.skip(reason="faults: run with --runfaults"))
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 

@@ -167,6 +167,11 @@ class RunSpec(Record, kw_only=True, frozen=True):
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError("eval_fraction must be in [0, 1)")
 
+    @property
+    def samples_run(self) -> str:
+        """The run whose sample streams this run reads: itself, or the run it replays."""
+        return self.data_run or self.run_id
+
     def spec_hash(self) -> str:
         """Stable short hash of the whole spec; records produced under it carry it."""
         canonical = msgspec.json.encode(self, order="sorted")

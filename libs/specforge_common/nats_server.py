@@ -140,6 +140,14 @@ class NatsServer:
             if self._own_dir:
                 self.store_dir = None
 
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would (fault tests); a caller-chosen store dir stays,
+        so ``start()`` on the same port and dir brings the same streams back."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+        self.stop()
+
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -48,6 +48,32 @@ def progress_prefix(run_id: str) -> str:
     return f"{run_id}.progress."
 
 
+def kv_subject(key: str) -> str:
+    """The subject a KV entry is stored under (what a dead letter of an unreadable one names)."""
+    return f"$KV.{RUNS_BUCKET}.{key}"
+
+
+def run_of_subject(subject: str) -> str | None:
+    """The run a subject belongs to: ``sf.<run>.…`` or the KV key ``<run>[.…]``; None for
+    anything else."""
+    tokens = subject.split(".")
+    if len(tokens) >= 2 and tokens[0] == "sf":
+        return tokens[1]
+    if len(tokens) >= 3 and tokens[:2] == ["$KV", RUNS_BUCKET]:
+        return tokens[2]
+    return None
+
+
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a trailing ``>`` one or more."""
+    want, have = pattern.split("."), subject.split(".")
+    if want[-1] == ">":
+        return len(have) >= len(want) and all(
+            w in ("*", h) for w, h in zip(want[:-1], have, strict=False)
+        )
+    return len(want) == len(have) and all(w in ("*", h) for w, h in zip(want, have, strict=True))
+
+
 @dataclass(frozen=True)
 class RunSubjects:
     run_id: str

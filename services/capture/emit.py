@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from specforge_common import faults
 from specforge_common.batch import FEATURE_KEYS
 from specforge_common.bus import Bus
 from specforge_common.contracts import SampleRef
@@ -99,9 +100,11 @@ class Emitter:
         """Store the samples, publish their SampleRefs and, once all are stored, ack."""
         try:
             refs = await asyncio.to_thread(self._store, chunk, rows)
+            faults.point("capture.after_store_put")
             published = await self.bus.publish_many(
                 (self._subject(p), ref, self._msg_id(p)) for p, ref in zip(chunk, refs, strict=True)
             )
+            faults.point("capture.after_publish")
         except Exception as exc:
             await self.failures.fail([p.delivery for p in chunk], exc, stage="store/publish")
             return

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from specforge_common import faults
 from specforge_common.bus import Bus, Delivery, WorkConsumer, heartbeat
 from specforge_common.contracts import PromptTask, RunSpec
 from specforge_common.featurestore import FeatureStore
@@ -315,6 +316,7 @@ class CaptureWorker:
                 return
             await self.failures.fail([chunk[0].delivery], exc, stage="forward")
             return
+        faults.point("capture.mid_batch")  # features computed, nothing stored or acked
         self.stats.forwards += 1
         self.stats.tokens += sum(len(p.input_ids) for p in chunk)
         self.stats.padded_tokens += ids.numel()

@@ -95,6 +95,8 @@ async def _enqueue(args: argparse.Namespace) -> int:
                     "--config run.toml (and/or --set key=value) to start it"
                 )
                 return 2
+            # Streams first: services that find the spec find its streams (they may not make them).
+            await bus.ensure_streams(args.run)
             try:
                 spec = await bus.put_run_spec(wanted)
             except RunSpecConflict as exc:
@@ -133,6 +135,9 @@ def _print_report(report, spec_hash: str) -> None:
         print(f"    line {bad.line}: {bad.reason}")
     if len(report.skipped) > SHOWN_SKIPS:
         print(f"    ... and {len(report.skipped) - SHOWN_SKIPS} more")
+    if report.truncated_rows:
+        print(f"  truncated        {report.truncated_rows} prompts cut to max_length "
+              f"(the longest lost {report.longest_cut} tokens)")  # fmt: skip
     if report.truncated_source:
         print(f"  source truncated {report.truncation}")
     state = "new" if report.summary_written else "kept from the first enqueue of this run"

@@ -10,6 +10,10 @@ EvalResult for that step (the evaluator reads eval samples until then). ``--forc
 unfinished run anyway (its trainer and evaluator then fail on missing features). Sweeping is
 idempotent: already-absent samples are counted, not errors. ``--store`` overrides the run spec's
 store URI (e.g. when the master is reached by another address from here).
+
+A replayed run (``specforge replay``) owns no features: its samples are its data run's, which
+that run and other replays of it may still need. Sweeping it is refused (sweep the data run);
+``--force`` sweeps the data run's features, read from the data run's samples stream.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class SweepRefused(RuntimeError):
 class SweepReport:
     run_id: str
     store_uri: str
+    data_run: str = ""  # whose samples were swept, when another run's (a replay's data run)
     removed: dict[str, int] = field(default_factory=dict)  # subject -> samples deleted
     removed_bytes: int = 0
     absent: int = 0  # already gone (consumed, swept before, or evicted)
@@ -38,8 +43,9 @@ class SweepReport:
 
     def lines(self) -> list[str]:
         removed = ", ".join(f"{n} {what}" for what, n in sorted(self.removed.items())) or "none"
+        whose = f" (the samples of run {self.data_run})" if self.data_run else ""
         lines = [
-            f"run {self.run_id}: swept {self.store_uri}",
+            f"run {self.run_id}: swept {self.store_uri}{whose}",
             f"  removed   {sum(self.removed.values())} samples ({removed}), "
             f"{self.removed_bytes} bytes",
             f"  absent    {self.absent} (already deleted or evicted)",
@@ -74,9 +80,16 @@ async def sweep_run(bus: Any, run_id: str, store: Any, *, force: bool = False) -
     from specforge_common.subjects import RunSubjects, enqueue_key
 
     reason = await unfinished_reason(bus, run_id)
+    spec = await bus.get_run_spec(run_id)
+    data_run = spec.samples_run if spec is not None else run_id
+    if reason is None and data_run != run_id:
+        reason = (
+            f"run {run_id!r} replays the samples of run {data_run!r}, which that run (and "
+            f"any other replay of it) may still need: sweep run {data_run!r} instead"
+        )
     if reason is not None and not force:
         raise SweepRefused(f"{reason}; use --force to sweep it anyway")
-    subjects = RunSubjects(run_id)
+    subjects = RunSubjects(data_run)
     refs = [
         record
         async for _, record in bus.read_log(
@@ -84,9 +97,9 @@ async def sweep_run(bus: Any, run_id: str, store: Any, *, force: bool = False) -
         )
         if isinstance(record, SampleRef)
     ]
-    summary = await bus.get_record(enqueue_key(run_id), EnqueueSummary)
+    summary = await bus.get_record(enqueue_key(data_run), EnqueueSummary)
     vocab_map = summary.vocab_map if summary is not None else None
-    report = SweepReport(run_id, store.uri)
+    report = SweepReport(run_id, store.uri, data_run if data_run != run_id else "")
     await asyncio.to_thread(_delete_all, store, refs, vocab_map, report)
     return report
 
@@ -136,13 +149,15 @@ async def _main(args: argparse.Namespace) -> int:
 
     from specforge_common.bus import bus_config_from_args
     from specforge_common.featurestore import open_store
+    from specforge_common.replayed import data_run_spec
 
     async with await open_bus(bus_config_from_args(args, "specforge-sweep")) as bus:
         spec = await bus.get_run_spec(args.run)
         if spec is None:
             print(f"specforge sweep: run {args.run!r} has no run spec on this bus", file=sys.stderr)
             return 2
-        store = open_store(args.store or spec.store_uri)
+        data_spec = await data_run_spec(bus, spec) or spec
+        store = open_store(args.store or data_spec.store_uri)
         try:
             report = await sweep_run(bus, args.run, store, force=args.force)
         except SweepRefused as exc:

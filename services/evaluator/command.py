@@ -4,9 +4,11 @@
 draft judged by real speculative decoding, no bus (``standalone.py``).
 
 Reads the run spec from the bus (waiting up to ``--spec-timeout`` for whoever starts the run to
-store it), reads the eval split, then evaluates every CheckpointEvent of the run. Exit codes:
+store it), reads the eval split, then evaluates every CheckpointEvent of the run. A replayed run
+(``specforge replay``) is scored on its data run's eval split, from that run's store. Exit codes:
 0 done (stopped by SIGTERM/SIGINT, or the final checkpoint evaluated with ``--exit-when-final``),
-1 no run spec within ``--spec-timeout`` or the final checkpoint was dead-lettered, 2 bad
+1 no run spec (or data run spec) within ``--spec-timeout`` or the final checkpoint was
+dead-lettered, 2 bad
 arguments.
 """
 
@@ -17,6 +19,7 @@ import asyncio
 
 from specforge_common.bus import BusError, add_bus_arguments, bus_config_from_args, open_bus
 from specforge_common.contracts import RunSpec
+from specforge_common.replayed import data_run_spec
 
 from . import standalone
 
@@ -65,6 +68,7 @@ async def _evaluate(args: argparse.Namespace) -> int:
         try:
             spec = await bus.wait_for_record(args.run, RunSpec, timeout=args.spec_timeout,
                                              what="run spec")  # fmt: skip
+            data_spec = await data_run_spec(bus, spec, wait=True, timeout=args.spec_timeout)
         except BusError as exc:
             log.error("no run spec stored for this run: start the run first (whoever "
                       "enqueues it stores the spec)", error=str(exc))  # fmt: skip
@@ -80,13 +84,15 @@ async def _evaluate(args: argparse.Namespace) -> int:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         await bus.ensure_streams(args.run)
-        store = open_store(spec.store_uri)
+        assert data_spec is not None  # waited for: a timeout raised BusError
+        store = open_store(data_spec.store_uri)
         evaluator = Evaluator(
             bus,
             spec,
             store,
             device=device,
             exit_when_final=args.exit_when_final,
+            data_spec=data_spec,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from specforge_common.contracts import CheckpointEvent, EvalResult
+from specforge_common.contracts import CheckpointEvent, EvalResult, RunSpec
 from specforge_common.log import get_logger
 from specforge_common.step_log import read_step_log, train_metrics_path
 
@@ -328,8 +328,10 @@ def render_report(
     checkpoints: Iterable[CheckpointEvent],
     evals: Iterable[EvalResult],
     train_metrics: Sequence[Mapping[str, Any]] = (),
+    samples: str = "",
 ) -> Report:
-    """Write index.html, summary.md and the plots that have data into ``out_dir``.
+    """Write index.html, summary.md and the plots that have data into ``out_dir``; ``samples``
+    says where the run's samples came from when that is another run (a replay).
 
     Plots of earlier renders that now have no data are removed, so the page never shows a
     stale picture.
@@ -362,6 +364,8 @@ def render_report(
             (out_dir / name).unlink(missing_ok=True)
 
     facts = _facts(run_id, checkpoints, evals, loss, best, best_metric)
+    if samples:
+        facts.insert(1, f"samples: {samples}")
     rows = table_rows(evals)
     markdown = out_dir / "summary.md"
     markdown.write_text(_markdown(run_id, facts, rows, written), encoding="utf-8")
@@ -406,6 +410,7 @@ async def write_report(
         out_dir = root / run_id / "report"
     checkpoints = [event async for _, event in bus.records(run_id, "checkpoints", CheckpointEvent)]
     evals = [result async for _, result in bus.records(run_id, "evals", EvalResult)]
+    samples = await replayed_samples(bus, spec) if spec is not None else ""
     metrics_path = train_metrics_path(root, run_id) if root is not None else None
     train_metrics = read_train_metrics(metrics_path) if metrics_path is not None else []
     log.info(
@@ -422,4 +427,20 @@ async def write_report(
         checkpoints=checkpoints,
         evals=evals,
         train_metrics=train_metrics,
+        samples=samples,
     )
+
+
+async def replayed_samples(bus: Bus, spec: RunSpec) -> str:
+    """Where a replayed run's samples are (its data run's streams, with their counts), or ""
+    for a run that trains on its own."""
+    from specforge_common.contracts import EnqueueSummary
+    from specforge_common.subjects import enqueue_key
+
+    if spec.samples_run == spec.run_id:
+        return ""
+    text = f"replayed from run {spec.samples_run}"
+    summary = await bus.get_record(enqueue_key(spec.samples_run), EnqueueSummary)
+    if summary is not None:
+        text += f" ({summary.train} train, {summary.eval} eval samples enqueued)"
+    return text

@@ -2,13 +2,15 @@
 
 Lifecycle of one ``Evaluator``:
 
-1. Read the EVAL split once: replay ``sf.<run>.samples.eval`` from sequence 1 (following, so it
-   waits while capture is still producing) until ``spec.eval.max_samples`` usable SampleRefs or
+1. Read the EVAL split once: replay ``sf.<data run>.samples.eval`` from sequence 1 (following, so
+   it waits while capture is still producing; the data run is the run itself, or the run a
+   replayed run trains on) until ``spec.eval.max_samples`` usable SampleRefs or
    the ``EndOfSplit`` marker, whichever comes first, and fetch their tensors from the feature
    store. They stay in host memory for the life of the process: the eval set is small by design
    (``max_samples`` defaults to 64; ~64 x T x 4H floats), and every checkpoint is scored on
    exactly the same samples. Refs stamped with another run-spec hash, duplicate sample ids and
-   samples whose tensors cannot be read or are malformed are skipped with a warning and counted.
+   samples whose tensors cannot be read or are malformed are skipped with a warning and counted;
+   a message that is no SampleRef at all is dead-lettered and skipped by the bus.
 2. Load the target's ``lm_head`` and embedding once (only those two tensors, never the layers).
 3. Consume ``CheckpointEvent``s from the durable consumer ``"evaluator"`` on CHECKPOINTS, one at
    a time. Per event: check run id and run-spec hash, verify the sha256 of
@@ -38,12 +40,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from specforge_common import faults
 from specforge_common.aio import cancel_and_wait
 from specforge_common.batch import SampleError, check_sample
 from specforge_common.bus import Bus, Delivery, heartbeat
 from specforge_common.contracts import (
     CheckpointEvent,
-    ContractError,
     EndOfSplit,
     EvalResult,
     RunSpec,
@@ -62,6 +64,7 @@ from specforge_common.eagle3.model_card import (
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
 from specforge_common.log import get_logger
 from specforge_common.models.eagle3 import Eagle3Config
+from specforge_common.replayed import data_run_spec
 from specforge_common.subjects import RunSubjects
 from specforge_common.targets import load_embedding, load_lm_head
 
@@ -104,11 +107,14 @@ def checkpoint_dir(uri: str) -> Path:
 
 
 async def read_eval_split(
-    bus: Bus, spec: RunSpec, store: FeatureStore, *, progress_every: float = 10.0
-) -> EvalSet:
-    """Up to ``spec.eval.max_samples`` eval samples, stopping early at the EndOfSplit marker."""
-    log = get_logger(service=SERVICE, run=spec.run_id)
-    spec_hash = spec.spec_hash()
+    bus: Bus, spec: RunSpec, store: FeatureStore, *, data_spec: RunSpec | None = None,
+    progress_every: float = 10.0,
+) -> EvalSet:  # fmt: skip
+    """Up to ``spec.eval.max_samples`` eval samples of the data run (``data_spec``: ``spec``
+    itself unless ``spec`` replays another run), stopping early at the EndOfSplit marker."""
+    data_spec = data_spec or spec
+    log = get_logger(service=SERVICE, run=spec.run_id, data_run=data_spec.run_id)
+    spec_hash = data_spec.spec_hash()
     limit = spec.eval.max_samples
     out = EvalSet()
     seen: set[str] = set()
@@ -125,7 +131,7 @@ async def read_eval_split(
     reporter = asyncio.create_task(progress())
     try:
         if limit > 0:
-            replay = aclosing(bus.replay(spec.run_id, "eval", follow=True))
+            replay = aclosing(bus.replay(data_spec.run_id, "eval", follow=True))
             async with replay as records:  # unsubscribe as soon as we stop reading
                 async for _seq, record in records:
                     if record.run_spec_hash != spec_hash:
@@ -203,9 +209,11 @@ class Evaluator:
         device: str | torch.device = "cpu",
         exit_when_final: bool = False,
         fetch_timeout: float = 1.0,
+        data_spec: RunSpec | None = None,
     ) -> None:
         self.bus = bus
         self.spec = spec
+        self.data_spec = data_spec  # of the run whose eval split is read (a replay's data run)
         self.store = store
         self.device = torch.device(device)
         self.exit_when_final = exit_when_final
@@ -228,7 +236,10 @@ class Evaluator:
     async def prepare(self) -> None:
         """Read the eval split and the target tensors (``run`` calls it if not done)."""
         started = time.perf_counter()
-        self.eval_set = await read_eval_split(self.bus, self.spec, self.store)
+        if self.data_spec is None:
+            self.data_spec = await data_run_spec(self.bus, self.spec, wait=True)
+        self.eval_set = await read_eval_split(self.bus, self.spec, self.store,
+                                              data_spec=self.data_spec)  # fmt: skip
         head = load_lm_head(self.spec.target.path)
         # CPU: fp32 (low-precision matmuls are very slow there); GPU: the stored dtype.
         head_dtype = torch.float32 if self.device.type == "cpu" else head.dtype
@@ -322,6 +333,7 @@ class Evaluator:
             self.report.dead_lettered.append(event.step)
         else:
             # the card first: a reader of the EvalResult finds it filled in (failures only log)
+            faults.point("evaluator.mid_eval")  # evaluated, nothing published or acked
             await self._rewrite_card(event, result)
             await self.bus.publish(
                 self.subjects.evals, result, msg_id=f"eval:{self.run_id}:{event.step}"
@@ -388,10 +400,7 @@ class Evaluator:
     async def _final_already_settled(self) -> bool:
         """Whether the stream's last CheckpointEvent is final and the consumer acked past it
         (a restarted ``exit_when_final`` evaluator has nothing left to wait for)."""
-        try:
-            last = await self.bus.last_entry(self.run_id, "checkpoints", CheckpointEvent)
-        except ContractError:
-            return False
+        last = await self.bus.last_entry(self.run_id, "checkpoints", CheckpointEvent)
         if last is None:
             return False
         seq, event = last

@@ -214,7 +214,7 @@ async def build_parts(
 ) -> TrainerParts:
     """Read the run from the bus, build the draft and optimizer, join the ranks (collectives)."""
     spec: RunSpec = await _wait_record(bus, run_id, RunSpec, "run spec", spec_timeout)
-    data_run = spec.data_run or run_id
+    data_run = spec.samples_run
     if spec.train.consume_features:
         check_consume_once(spec, data_run)
     data_spec = spec

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from specforge_common import faults
 from specforge_common.contracts import EvalResult
 from specforge_common.durable import fsync_dir, fsync_file, sha256_file, temp_sibling, write_atomic
 from specforge_common.eagle3 import save_draft
@@ -260,6 +261,7 @@ class CheckpointManager:
                     torch.save(tensors, file)
                 fsync_file(staging / TENSORS_NAME)
             sha256 = sha256_file(staging / WEIGHTS_NAME)
+            faults.point("trainer.mid_checkpoint")  # staging half-written, latest unchanged
             if card is not None:
                 self._write_card(staging, target, card, step=step, final=final, sha256=sha256)
             fsync_dir(staging)

@@ -50,7 +50,7 @@ import torch
 
 from specforge_common.aio import cancel_and_wait
 from specforge_common.batch import FEATURE_KEYS, SampleError, TrainBatch, check_sample, collate
-from specforge_common.bus import Bus, Undecodable
+from specforge_common.bus import Bus
 from specforge_common.contracts import EndOfSplit, SampleRef, Split, encode
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
 from specforge_common.featurestore.errors import FeatureCorruptError, FeatureMissingError
@@ -261,16 +261,6 @@ class SampleStream:
         await self.bus.dead_letter(self.run_id, subject, encode(item.ref), reason,
                                    service=self.service, seq=item.seq)  # fmt: skip
 
-    async def _undecodable(self, item: Undecodable) -> None:
-        """A samples-log message that is no record (a broken or foreign producer): dead-letter
-        it and read on. Every rank skips it alike, so the shard positions stay aligned."""
-        self.stats.dead_lettered += 1
-        self.log.error("undecodable samples-log message, dead-lettered and skipped",
-                       seq=item.seq, reason=str(item.error))  # fmt: skip
-        await self.bus.dead_letter(self.run_id, item.subject, item.data,
-                                   f"ContractError: {item.error}", service=self.service,
-                                   seq=item.seq)  # fmt: skip
-
     # --- producer side ---------------------------------------------------------------------
 
     def _fetch(self, ref: SampleRef) -> dict[str, torch.Tensor]:
@@ -365,8 +355,9 @@ class SampleStream:
 
         position = 0  # of the next SampleRef in the split (sharded streams only)
         ended = False
-        replay = self.bus.replay(self.run_id, self.split, 1 if sharded else start, follow=True,
-                                 undecodable=self._undecodable)  # fmt: skip
+        # A message that is no record is dead-lettered and skipped by the bus itself, on every
+        # rank alike, so the shard positions stay aligned.
+        replay = self.bus.replay(self.run_id, self.split, 1 if sharded else start, follow=True)
         async with contextlib.aclosing(replay) as records:
             async for seq, record in records:
                 if record.run_spec_hash != self.spec_hash:

@@ -36,6 +36,7 @@ from contextlib import nullcontext
 
 import torch
 
+from specforge_common import faults
 from specforge_common.aio import cancel_and_wait
 from specforge_common.batch import TrainBatch
 from specforge_common.bus import Bus
@@ -188,6 +189,7 @@ class Trainer:
                 if stepped:
                     grad_norm, lr = await asyncio.to_thread(self._optimizer_step, micro,
                                                             position.global_step)  # fmt: skip
+                    faults.point("trainer.mid_step")  # weights stepped, position not advanced
                     micro = 0
                     # The position is what the weights have seen: a dropped partial window is not.
                     position.advance(pending)

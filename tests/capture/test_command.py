@@ -112,3 +112,53 @@ async def test_missing_run_spec_exits_1_with_a_clear_message(run_id, nats_server
 def test_capture_is_a_registered_command() -> None:
     out = subprocess.run([*SPECFORGE, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "capture" in out.stdout
+
+
+async def test_a_dead_workers_prompts_go_to_the_next_one_within_the_ack_wait(
+    bus_config, run_id, nats_server, target_dir, tmp_path
+) -> None:
+    """A worker that fetched prompts and vanished (its connection gone, nothing acked, as after
+    kill -9) delays them by one ack wait: 10 s by default, not a minute. A capture process
+    then captures every prompt once."""
+    import time
+
+    from specforge_common.bus import DEFAULT_ACK_WAIT_S, open_bus
+    from specforge_common.contracts import PromptTask
+
+    assert DEFAULT_ACK_WAIT_S <= 10
+    async with await open_bus(bus_config) as bus:
+        spec = make_spec(run_id, target_dir, tmp_path, batch_size=2)
+        tasks = token_tasks(spec, 6, seed=12)
+        await start_run(bus, spec, tasks, summary=True)
+        async with await open_bus(bus_config) as doomed:  # the worker that dies
+            consumer = await doomed.work_consumer(run_id, "prompts", "capture", PromptTask,
+                                                  service="capture")  # fmt: skip
+            held = await consumer.fetch(4, timeout=5)
+            assert len(held) == 4
+        died = time.monotonic()
+        lag = await bus.consumer_lag(run_id, "prompts", "capture")
+        assert lag.ack_wait_s == pytest.approx(DEFAULT_ACK_WAIT_S)
+
+        # The next worker: the two prompts nobody held at once, the dead one's after the wait.
+        rescuer = await bus.work_consumer(run_id, "prompts", "capture", PromptTask,
+                                          service="capture")  # fmt: skip
+        fresh = await rescuer.fetch(4, timeout=5)
+        assert [d.deliveries for d in fresh] == [1, 1]
+        back = []
+        while len(back) < 4 and time.monotonic() - died < 3 * DEFAULT_ACK_WAIT_S:
+            back += await rescuer.fetch(4 - len(back), timeout=DEFAULT_ACK_WAIT_S)
+        took = time.monotonic() - died
+        assert sorted(d.record.prompt_id for d in back) == sorted(
+            d.record.prompt_id for d in held
+        )
+        assert all(d.deliveries == 2 for d in back)
+        assert took < DEFAULT_ACK_WAIT_S + 5, took
+        for delivery in fresh + back:
+            await delivery.nak()  # handed on to the capture process
+        await rescuer.close()
+
+        proc = spawn(run_id, nats_server.url, "--exit-when-done", "--producer-id", "next")
+        code, lines = await finish(proc, timeout=300)
+        assert code == 0, lines[-5:]
+        refs, _ = await samples_log(bus, run_id)
+        assert sorted(r.prompt_id for r in refs) == sorted(t.prompt_id for t in tasks)

@@ -70,7 +70,8 @@ def test_the_shipped_server_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> 
     import subprocess
 
     root = Path(__file__).resolve().parents[2]
-    monkeypatch.setenv("SPECFORGE_NATS_PASSWORD", "x")
+    for role in ("OPERATOR", "ENQUEUE", "CAPTURE", "TRAINER", "EVALUATOR"):
+        monkeypatch.setenv(f"SPECFORGE_NATS_{role}_PASSWORD", "x")
     out = subprocess.run([str(find_nats_server()), "-c", str(root / "deploy/nats-server.conf"),
                           "-t"], capture_output=True, text=True, timeout=30)  # fmt: skip
     assert out.returncode == 0 and "is valid" in out.stdout + out.stderr

@@ -6,34 +6,33 @@ take a ``Bus`` and never see which one they were given.
 
 from __future__ import annotations
 
-from .config import BusConfig, add_bus_arguments, bus_config_from_args
+from .config import DEFAULT_ACK_WAIT_S, BusConfig, add_bus_arguments, bus_config_from_args
 from .local import LocalBus
 from .protocol import (
     Bus,
     BusError,
+    BusPermissionError,
     ConsumerLag,
     Delivery,
-    OnUndecodable,
     Published,
     RunSpecConflict,
     StreamState,
-    Undecodable,
     WorkConsumer,
 )
 from .reads import heartbeat
 
 __all__ = [
+    "DEFAULT_ACK_WAIT_S",
     "Bus",
     "BusConfig",
     "BusError",
+    "BusPermissionError",
     "ConsumerLag",
     "Delivery",
     "LocalBus",
-    "OnUndecodable",
     "Published",
     "RunSpecConflict",
     "StreamState",
-    "Undecodable",
     "WorkConsumer",
     "add_bus_arguments",
     "bus_config_from_args",

@@ -9,6 +9,8 @@ from typing import Literal
 
 import msgspec
 
+DEFAULT_ACK_WAIT_S = 10.0
+
 
 class BusConfig(msgspec.Struct, kw_only=True, frozen=True):
     """How to reach NATS and how the run's streams behave. All fields have safe defaults."""
@@ -30,7 +32,10 @@ class BusConfig(msgspec.Struct, kw_only=True, frozen=True):
     storage: Literal["file", "memory"] = "file"
     replicas: int = 1
     duplicate_window_s: float = 3600.0
-    ack_wait_s: float = 60.0
+    # A work-queue delivery not acked (or touched with in_progress) for this long goes to
+    # another consumer. Holders heartbeat every ack_wait / 3, so a live worker keeps its
+    # deliveries however long a batch takes, and a killed one loses them within this wait.
+    ack_wait_s: float = DEFAULT_ACK_WAIT_S
     max_deliver: int = 5
     max_ack_pending: int = 1000
 
@@ -60,6 +65,14 @@ def add_bus_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nats-tls-ca", default=env("SPECFORGE_NATS_TLS_CA"))
     group.add_argument("--nats-tls-cert", default=env("SPECFORGE_NATS_TLS_CERT"))
     group.add_argument("--nats-tls-key", default=env("SPECFORGE_NATS_TLS_KEY"))
+    group.add_argument(
+        "--ack-wait",
+        type=float,
+        default=float(env("SPECFORGE_ACK_WAIT_S", DEFAULT_ACK_WAIT_S)),
+        help="seconds before an unacked work-queue delivery (a prompt, a checkpoint) goes to "
+        "another worker; live workers heartbeat every third of it; applies to consumers this "
+        f"command creates (env SPECFORGE_ACK_WAIT_S, default {DEFAULT_ACK_WAIT_S:g})",
+    )
 
 
 def bus_config_from_args(args: argparse.Namespace, name: str) -> BusConfig:
@@ -72,4 +85,5 @@ def bus_config_from_args(args: argparse.Namespace, name: str) -> BusConfig:
         tls_ca_file=args.nats_tls_ca,
         tls_cert_file=args.nats_tls_cert,
         tls_key_file=args.nats_tls_key,
+        ack_wait_s=args.ack_wait,
     )

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+import re
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -21,30 +22,34 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ..contracts import ContractError, PromptTask, Record, RunSpec, decode, encode
+from ..contracts import PromptTask, Record, RunSpec, encode
 from ..log import get_logger
-from ..subjects import RUNS_BUCKET, STREAM_KINDS, RunSubjects, StreamKind
+from ..subjects import RUNS_BUCKET, STREAM_KINDS, RunSubjects, StreamKind, kv_subject, matches
 from .config import BusConfig
 from .jetstream_consumer import JetStreamWorkConsumer, stream_sequence
 from .protocol import (
     BusError,
+    BusPermissionError,
     ConsumerLag,
-    OnUndecodable,
     Published,
     RunSpecConflict,
     StreamState,
 )
-from .reads import BusReads, decode_or_report, given_up_reason
+from .reads import BusReads, given_up_reason
 
 log = get_logger(component="bus")
 
 STREAM_EXISTS_DIFFERENT = 10058  # JetStream err_code: stream name in use with another config
+# How the server names a refused subject in its -ERR line.
+_REFUSED = re.compile(r"permissions violation for (?:publish|subscription) to \"?([^\"'\s]+)", re.I)
+T = TypeVar("T")
 
 
 class JetStreamBus(BusReads):
     """A JetStream connection (``protocol.Bus``)."""
 
     def __init__(self, nc: nats.NATS, config: BusConfig) -> None:
+        super().__init__()
         self.nc = nc
         self.js = nc.jetstream(timeout=config.request_timeout_s)
         self.config = config
@@ -61,7 +66,7 @@ class JetStreamBus(BusReads):
             "connect_timeout": config.connect_timeout_s,
             "max_reconnect_attempts": max(config.connect_attempts, 1),
             "reconnect_time_wait": 1,
-            "error_cb": _log_error,
+            "error_cb": functools.partial(_on_error, state),
             "disconnected_cb": functools.partial(_log_disconnect, state),
             "reconnected_cb": _log_reconnect,
         }
@@ -76,8 +81,15 @@ class JetStreamBus(BusReads):
             kwargs["tls"] = tls
             if config.tls_hostname:
                 kwargs["tls_hostname"] = config.tls_hostname
+        # nats-py retries a failed TLS handshake (an untrusted server certificate) without
+        # counting attempts, so the first connection gets a deadline of its own.
+        attempts = max(config.connect_attempts, 1) * len(config.servers)
+        deadline = attempts * (config.connect_timeout_s + 1.0) + 1.0
         try:
-            nc = await nats.connect(**kwargs)
+            nc = await asyncio.wait_for(nats.connect(**kwargs), deadline)
+        except asyncio.TimeoutError:  # an OSError too: caught first
+            raise BusError(f"cannot connect to NATS at {config.servers} within {deadline:g}s "
+                           f"(last error: {state.last_error!r})") from None  # fmt: skip
         except (OSError, nats.errors.Error) as exc:
             raise BusError(f"cannot connect to NATS at {config.servers}: {exc!r}") from exc
         # nats-py applies one attempt limit to the first connect and to reconnects; once
@@ -86,6 +98,12 @@ class JetStreamBus(BusReads):
         bus = cls(nc, config)
         bus._state = state
         return bus
+
+    @property
+    def refused_subjects(self) -> list[str]:
+        """Subjects the server refused this connection (lower-cased), oldest first: a service
+        whose role lacks a permission shows it here and in its log."""
+        return list(self._state.refusals)
 
     async def close(self) -> None:
         self._state.closing = True
@@ -116,24 +134,62 @@ class JetStreamBus(BusReads):
         )
 
     async def ensure_streams(self, run_id: str) -> RunSubjects:
-        """Create (or bring up to date) the run's streams and the run-spec bucket."""
+        """Create (or bring up to date) the run's streams and the run-spec bucket.
+
+        A stream that already has the wanted subjects and limits is left alone, so a role that
+        may not create or update streams (see deploy/nats-server.conf) can call this once the
+        enqueue or operator role made them; it gets ``BusPermissionError`` when one is missing.
+        """
         subjects = RunSubjects(run_id)
         for kind in STREAM_KINDS:
             config = self._stream_config(subjects, kind)
             try:
-                await self.js.add_stream(config)
+                current = (await self.js.stream_info(config.name)).config
+            except nats.js.errors.NotFoundError:
+                current = None
+            if current is not None and _same_stream(current, config):
+                continue
+            create = f"$JS.API.STREAM.CREATE.{config.name}"
+            try:
+                await self._unless_refused(f"create stream {config.name}", [create],
+                                           self.js.add_stream(config))  # fmt: skip
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != STREAM_EXISTS_DIFFERENT:
                     raise
-                await self.js.update_stream(config)
+                update = f"$JS.API.STREAM.UPDATE.{config.name}"
+                await self._unless_refused(f"update stream {config.name}", [update],
+                                           self.js.update_stream(config))  # fmt: skip
         await self._runs_kv()
         return subjects
+
+    async def _unless_refused(self, what: str, subjects: list[str], call: Awaitable[T]) -> T:
+        """Await ``call``, but raise ``BusPermissionError`` as soon as the server refuses this
+        user one of ``subjects`` (it answers a refused request with an -ERR line, not a reply,
+        so the request alone would only time out)."""
+        refused = self._state.watch(subjects)
+        task = asyncio.ensure_future(call)
+        try:
+            await asyncio.wait({task, refused}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._state.unwatch(refused)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise BusPermissionError(
+            f"NATS refused user {self.config.user!r} permission to {what} ({refused.result()!r} "
+            "is not among its role's subjects; see deploy/nats-server.conf)"
+        )
 
     async def delete_run_streams(self, run_id: str) -> None:
         subjects = RunSubjects(run_id)
         for kind in STREAM_KINDS:
+            name = subjects.stream(kind)
             try:
-                await self.js.delete_stream(subjects.stream(kind))
+                await self._unless_refused(f"delete stream {name}",
+                                           [f"$JS.API.STREAM.DELETE.{name}"],
+                                           self.js.delete_stream(name))  # fmt: skip
             except nats.js.errors.NotFoundError:
                 pass
 
@@ -154,18 +210,22 @@ class JetStreamBus(BusReads):
     async def publish(self, subject: str, record: Record, msg_id: str | None = None) -> Published:
         """Publish and wait for the PubAck; with ``msg_id`` a repeat in the window is a no-op."""
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        ack = await self.js.publish(subject, encode(record), headers=headers)
+        ack = await self._unless_refused(f"publish to {subject}", [subject],
+                                         self.js.publish(subject, encode(record),
+                                                         headers=headers))  # fmt: skip
         return Published(ack.stream, ack.seq, bool(ack.duplicate))
 
     async def publish_many(
         self, items: Iterable[tuple[str, Record, str | None]]
     ) -> list[Published]:
         """Pipelined publish of ``(subject, record, msg_id)`` items; returns once all are acked."""
-        futures = []
+        futures, subjects = [], set()
         for subject, record, msg_id in items:
             headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+            subjects.add(subject)
             futures.append(await self.js.publish_async(subject, encode(record), headers=headers))
-        acks = await asyncio.gather(*futures)
+        acks = await self._unless_refused(f"publish to {sorted(subjects)}", sorted(subjects),
+                                          asyncio.gather(*futures))  # fmt: skip
         for ack in acks:
             if not isinstance(ack, api.PubAck):
                 raise BusError(f"publish was not acknowledged: {ack!r}")
@@ -288,7 +348,6 @@ class JetStreamBus(BusReads):
         *,
         follow: bool = False,
         idle_timeout: float = 5.0,
-        undecodable: OnUndecodable | None = None,
     ) -> AsyncIterator[tuple[int, Any]]:
         """Ordered read of ``subject`` in ``stream`` from ``start_seq`` (an ordered consumer)."""
         last = None
@@ -315,9 +374,7 @@ class JetStreamBus(BusReads):
                         continue
                     raise BusError(f"reading {subject} stalled before sequence {last}") from None
                 seq = stream_sequence(msg)
-                record = await decode_or_report(
-                    seq, msg.subject, msg.data, record_type, undecodable
-                )
+                record = await self.read_record(msg.subject, seq, msg.data, record_type)
                 if record is not None:
                     yield seq, record
                 if last is not None and seq >= last:
@@ -333,20 +390,40 @@ class JetStreamBus(BusReads):
             msg = await self.js.get_msg(subjects.stream("promptlog"), subject=subject)
         except nats.js.errors.NotFoundError:  # no such message, or no prompt log at all
             return None
-        return decode(msg.data, PromptTask, subject=subject)
+        return await self.read_record(subject, msg.seq, msg.data or b"", PromptTask)
 
     async def last_entry(
         self, run_id: str, kind: StreamKind, record_type: Any
     ) -> tuple[int, Any] | None:
-        """``(stream sequence, record)`` of the newest message of a run stream, or None."""
+        """``(stream sequence, record)`` of the newest readable message of a run stream, or
+        None. Unreadable newer ones are dead-lettered and the walk goes back past them."""
         subjects = RunSubjects(run_id)
+        stream, subject = subjects.stream(kind), subjects.stream_subjects(kind)[0]
         try:
-            msg = await self.js.get_msg(
-                subjects.stream(kind), subject=subjects.stream_subjects(kind)[0]
-            )
+            msg = await self.js.get_msg(stream, subject=subject)
         except nats.js.errors.NotFoundError:
             return None
-        return int(msg.seq or 0), decode(msg.data, record_type, subject=msg.subject)
+        while True:
+            seq = int(msg.seq or 0)
+            record = await self.read_record(msg.subject, seq, msg.data or b"", record_type)
+            if record is not None:
+                return seq, record
+            msg = await self._previous(stream, subject, seq)
+            if msg is None:
+                return None
+
+    async def _previous(self, stream: str, subject: str, seq: int) -> Any | None:
+        """The newest message of ``subject`` before ``seq`` (JetStream only looks forward by
+        subject, so this steps back one sequence at a time: rare, after a bad message)."""
+        first = int((await self.js.stream_info(stream)).state.first_seq or 1)
+        for before in range(seq - 1, first - 1, -1):
+            try:
+                msg = await self.js.get_msg(stream, before)
+            except nats.js.errors.NotFoundError:  # deleted
+                continue
+            if matches(subject, msg.subject or ""):
+                return msg
+        return None
 
     # --- run specs -------------------------------------------------------------------------
 
@@ -368,11 +445,12 @@ class JetStreamBus(BusReads):
         """Store a record under ``key`` in the runs bucket; with ``create_only`` keep an
         existing value and return False."""
         kv = await self._runs_kv()
+        subject = [kv_subject(key)]
         if not create_only:
-            await kv.put(key, encode(record))
+            await self._unless_refused(f"write {key!r}", subject, kv.put(key, encode(record)))
             return True
         try:
-            await kv.create(key, encode(record))
+            await self._unless_refused(f"write {key!r}", subject, kv.create(key, encode(record)))
             return True
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
@@ -385,7 +463,7 @@ class JetStreamBus(BusReads):
             return None
         if entry.value is None:
             return None
-        return decode(entry.value, record_type, subject=f"$KV.{RUNS_BUCKET}.{key}")
+        return await self.read_record(kv_subject(key), entry.revision, entry.value, record_type)
 
     async def records_by_prefix(self, prefix: str, record_type: Any) -> dict[str, Any]:
         """Every live record whose KV key starts with ``prefix`` (a dotted prefix such as
@@ -410,18 +488,19 @@ class JetStreamBus(BusReads):
                 continue
             if not entry.value:
                 continue
-            try:
-                found[key] = decode(entry.value, record_type, subject=subject)
-            except ContractError as exc:
-                log.warning("unreadable KV record ignored", key=key, error=str(exc))
+            record = await self.read_record(subject, entry.revision, entry.value, record_type)
+            if record is not None:
+                found[key] = record
         return found
 
     async def put_run_spec(self, spec: RunSpec, *, replace: bool = False) -> RunSpec:
         """Store the run's spec. An identical spec is fine; a different one needs ``replace``."""
         kv = await self._runs_kv()
         data = encode(spec)
+        subject = [kv_subject(spec.run_id)]
         try:
-            await kv.create(spec.run_id, data)
+            await self._unless_refused(f"store the spec of {spec.run_id!r}", subject,
+                                       kv.create(spec.run_id, data))  # fmt: skip
             return spec
         except nats.js.errors.KeyWrongLastSequenceError:
             pass
@@ -431,10 +510,12 @@ class JetStreamBus(BusReads):
         if not replace:
             raise RunSpecConflict(
                 f"run {spec.run_id!r} already has a different spec (hash "
-                f"{existing.spec_hash() if existing else '?'} vs {spec.spec_hash()}); "
+                f"{existing.spec_hash() if existing else 'unreadable, dead-lettered'} vs "
+                f"{spec.spec_hash()}); "
                 "choose a new run id or replace it explicitly"
             )
-        await kv.put(spec.run_id, data)
+        await self._unless_refused(f"store the spec of {spec.run_id!r}", subject,
+                                   kv.put(spec.run_id, data))  # fmt: skip
         return spec
 
 
@@ -449,13 +530,46 @@ def _as_bus_error(what: str) -> Iterator[None]:
         raise BusError(f"cannot read {what}: {exc!r}") from exc
 
 
-async def _log_error(exc: Exception) -> None:
+async def _on_error(state: _ConnectionState, exc: Exception) -> None:
     log.warning("nats error", error=repr(exc))
+    state.last_error = exc
+    refused = _REFUSED.search(str(exc))
+    if refused:
+        state.refused(refused.group(1))
+
+
+def _same_stream(current: api.StreamConfig, wanted: api.StreamConfig) -> bool:
+    """Whether an existing stream already is what ``ensure_streams`` would make of it (the
+    settings an update could change; storage and retention cannot change)."""
+    return (
+        sorted(current.subjects or []) == sorted(wanted.subjects or [])
+        and (current.max_msgs_per_subject or -1) == (wanted.max_msgs_per_subject or -1)
+        and float(current.duplicate_window or 0) == float(wanted.duplicate_window or 0)
+    )
 
 
 @dataclass
 class _ConnectionState:
     closing: bool = False
+    last_error: Exception | None = None
+    refusals: list[str] = field(default_factory=list)  # subjects the server refused, in order
+    # Futures waiting on a permission refusal of any of their subjects (``_unless_refused``).
+    watchers: dict[asyncio.Future[str], frozenset[str]] = field(default_factory=dict)
+
+    def watch(self, subjects: Iterable[str]) -> asyncio.Future[str]:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.watchers[future] = frozenset(s.lower() for s in subjects)
+        return future
+
+    def unwatch(self, future: asyncio.Future[str]) -> None:
+        self.watchers.pop(future, None)
+
+    def refused(self, subject: str) -> None:
+        """nats-py reports the refused subject lower-cased, so subjects compare that way."""
+        self.refusals.append(subject)
+        for future, subjects in self.watchers.items():
+            if subject.lower() in subjects and not future.done():
+                future.set_result(subject)
 
 
 async def _log_disconnect(state: _ConnectionState) -> None:

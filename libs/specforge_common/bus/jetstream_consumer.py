@@ -9,15 +9,12 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from ..contracts import ContractError, decode
-from ..log import get_logger
 from ..subjects import RunSubjects, StreamKind
 from .protocol import R
 from .reads import ConsumerReads
 
 if TYPE_CHECKING:
     from .jetstream import JetStreamBus
-
-log = get_logger(component="bus")
 
 
 def stream_sequence(msg: Msg) -> int:
@@ -100,22 +97,18 @@ class JetStreamWorkConsumer(ConsumerReads, Generic[R]):
         for msg in msgs:
             try:
                 record = decode(msg.data, self.record_type, subject=msg.subject)
-            except ContractError as exc:
-                log.warning(
-                    "undecodable message dead-lettered", subject=msg.subject, error=str(exc)
-                )
-                await self.dead_letter(msg, str(exc))
-                await msg.term()
-                continue
+            except ContractError as exc:  # the bus's one rule: dead-letter, then never again
+                deliveries, seq = _position(msg)
+                if await self.bus.dead_letter_unreadable(
+                    msg.subject, seq, msg.data, exc, service=self.service, deliveries=deliveries
+                ):  # fmt: skip
+                    await msg.term()
+                continue  # not written: redelivered after the ack wait, and tried again
             out.append(JetStreamDelivery(record, msg, self))
         return out
 
     async def dead_letter(self, msg: Msg, reason: str) -> None:
-        try:
-            meta = msg.metadata
-            deliveries, seq = meta.num_delivered, meta.sequence.stream
-        except (nats.errors.NotJSMessageError, AttributeError, IndexError):
-            deliveries, seq = 0, None
+        deliveries, seq = _position(msg)
         await self.bus.dead_letter(self.subjects.run_id, msg.subject, msg.data, reason,
                                    service=self.service, deliveries=deliveries,
                                    seq=seq)  # fmt: skip
@@ -126,3 +119,12 @@ class JetStreamWorkConsumer(ConsumerReads, Generic[R]):
             await self._sub.unsubscribe()
         except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
             pass
+
+
+def _position(msg: Msg) -> tuple[int, int | None]:
+    """``(deliveries, stream sequence)`` of a delivered message, ``(0, None)`` if unknown."""
+    try:
+        meta = msg.metadata
+        return meta.num_delivered, meta.sequence.stream
+    except (nats.errors.NotJSMessageError, AttributeError, IndexError):
+        return 0, None

@@ -11,10 +11,11 @@ service code with a disaggregated deployment:
   contract is checked as it is on NATS;
 - the PROMPTS stream is a work queue (an acked message is gone); durable work consumers hand
   each message to one fetcher, redeliver after ``nak`` (with its delay) or after ``ack_wait``
-  without an ack, stop after ``max_deliver`` deliveries, and dead-letter undecodable messages;
+  without an ack, stop after ``max_deliver`` deliveries;
 - ordered replay from any sequence, following new messages when asked;
 - the PROMPTLOG stream keeps one message per subject (``max_msgs_per_subject=1``);
-- a key-value map for run specs, enqueue summaries and trainer progress.
+- a key-value map for run specs, enqueue summaries and trainer progress, with revisions;
+- every read dead-letters and skips an unreadable message (``reads.BusReads.read_record``).
 
 What it does not do: persistence (a LocalBus dies with its process) and several processes.
 One event loop owns a LocalBus; services share it by holding the same object. The module is as
@@ -30,22 +31,18 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any, Generic
 
 from ..contracts import ContractError, PromptTask, Record, RunSpec, decode, encode
-from ..log import get_logger
-from ..subjects import STREAM_KINDS, RunSubjects, StreamKind
+from ..subjects import STREAM_KINDS, RunSubjects, StreamKind, kv_subject, matches
 from .config import BusConfig
-from .local_streams import ConsumerState, Message, Pending, Stream, matches
+from .local_streams import ConsumerState, Message, Pending, Stream
 from .protocol import (
     BusError,
     ConsumerLag,
-    OnUndecodable,
     Published,
     R,
     RunSpecConflict,
     StreamState,
 )
-from .reads import BusReads, ConsumerReads, decode_or_report, given_up_reason
-
-log = get_logger(component="local-bus")
+from .reads import BusReads, ConsumerReads, given_up_reason
 
 
 class LocalDelivery(Generic[R]):
@@ -167,15 +164,13 @@ class LocalWorkConsumer(ConsumerReads, Generic[R]):
         for message, deliveries in taken:
             try:
                 record = decode(message.data, self.record_type, subject=message.subject)
-            except ContractError as exc:
-                log.warning("undecodable message dead-lettered", subject=message.subject,
-                            error=str(exc))  # fmt: skip
-                await self.bus.dead_letter(
-                    self.subjects.run_id, message.subject, message.data, str(exc),
-                    service=self.service, deliveries=deliveries, seq=message.seq,
-                )  # fmt: skip
-                self.state.settle(message.seq)
-                continue
+            except ContractError as exc:  # the bus's one rule: dead-letter, then never again
+                if await self.bus.dead_letter_unreadable(
+                    message.subject, message.seq, message.data, exc, service=self.service,
+                    deliveries=deliveries,
+                ):  # fmt: skip
+                    self.state.settle(message.seq)
+                continue  # not written: redelivered after the ack wait, and tried again
             out.append(LocalDelivery(record, message, deliveries, self))
         return out
 
@@ -187,10 +182,12 @@ class LocalBus(BusReads):
     """A ``Bus`` without a broker: one process, memory only; see the module doc."""
 
     def __init__(self, config: BusConfig | None = None) -> None:
+        super().__init__()
         self.config = config or BusConfig(name="local")
         self._streams: dict[str, Stream] = {}
         self._consumers: dict[tuple[str, str], ConsumerState] = {}
-        self._kv: dict[str, bytes] = {}
+        self._kv: dict[str, tuple[bytes, int]] = {}  # key -> (value, revision)
+        self._kv_revision = 0
         self._waiters: set[asyncio.Future[None]] = set()
         self.closed = False
 
@@ -393,7 +390,6 @@ class LocalBus(BusReads):
         *,
         follow: bool = False,
         idle_timeout: float = 5.0,
-        undecodable: OnUndecodable | None = None,
     ) -> AsyncIterator[tuple[int, Any]]:
         try:
             log_stream = self._streams[stream]
@@ -410,8 +406,8 @@ class LocalBus(BusReads):
             message = log_stream.messages.get(seq)
             seq += 1
             if message is not None and matches(subject, message.subject):
-                record = await decode_or_report(
-                    message.seq, message.subject, message.data, record_type, undecodable
+                record = await self.read_record(
+                    message.subject, message.seq, message.data, record_type
                 )
                 if record is not None:
                     yield message.seq, record
@@ -423,46 +419,60 @@ class LocalBus(BusReads):
         seq = stream.last_by_subject.get(subject) if stream is not None else None
         if stream is None or seq is None or seq not in stream.messages:
             return None
-        return decode(stream.messages[seq].data, PromptTask, subject=subject)
+        return await self.read_record(subject, seq, stream.messages[seq].data, PromptTask)
 
     async def last_entry(
         self, run_id: str, kind: StreamKind, record_type: Any
     ) -> tuple[int, Any] | None:
-        stream = self._streams.get(RunSubjects(run_id).stream(kind))
-        if stream is None or not stream.messages:
-            return None
-        message = stream.messages[next(reversed(stream.messages))]
-        return message.seq, decode(message.data, record_type, subject=message.subject)
+        subjects = RunSubjects(run_id)
+        stream = self._streams.get(subjects.stream(kind))
+        subject = subjects.stream_subjects(kind)[0]
+        for message in reversed(list(stream.messages.values()) if stream is not None else []):
+            if not matches(subject, message.subject):
+                continue
+            record = await self.read_record(message.subject, message.seq, message.data,
+                                            record_type)  # fmt: skip
+            if record is not None:
+                return message.seq, record
+        return None
 
     # --- key-value -------------------------------------------------------------------------
+
+    def put_raw(self, key: str, value: bytes) -> int:
+        """Store ``value`` under ``key`` as the next revision (what a KV put does)."""
+        self._kv_revision += 1
+        self._kv[key] = (value, self._kv_revision)
+        return self._kv_revision
 
     async def put_record(self, key: str, record: Record, *, create_only: bool = False) -> bool:
         if create_only and key in self._kv:
             return False
-        self._kv[key] = encode(record)
+        self.put_raw(key, encode(record))
         return True
 
     async def get_record(self, key: str, record_type: Any) -> Any | None:
-        data = self._kv.get(key)
-        return None if data is None else decode(data, record_type, subject=f"kv.{key}")
+        if key not in self._kv:
+            return None
+        value, revision = self._kv[key]
+        return await self.read_record(kv_subject(key), revision, value, record_type)
 
     async def records_by_prefix(self, prefix: str, record_type: Any) -> dict[str, Any]:
         found: dict[str, Any] = {}
         for key in sorted(k for k in self._kv if fnmatch.fnmatchcase(k, f"{prefix}*")):
-            try:
-                found[key] = decode(self._kv[key], record_type, subject=f"kv.{key}")
-            except ContractError as exc:
-                log.warning("unreadable KV record ignored", key=key, error=str(exc))
+            record = await self.get_record(key, record_type)
+            if record is not None:
+                found[key] = record
         return found
 
     async def put_run_spec(self, spec: RunSpec, *, replace: bool = False) -> RunSpec:
-        existing = await self.get_run_spec(spec.run_id)
-        if existing is None or replace:
-            self._kv[spec.run_id] = encode(spec)
+        if spec.run_id not in self._kv or replace:
+            self.put_raw(spec.run_id, encode(spec))
             return spec
-        if existing.spec_hash() == spec.spec_hash():
+        existing = await self.get_run_spec(spec.run_id)
+        if existing is not None and existing.spec_hash() == spec.spec_hash():
             return existing
         raise RunSpecConflict(
-            f"run {spec.run_id!r} already has a different spec (hash {existing.spec_hash()} vs "
+            f"run {spec.run_id!r} already has a different spec (hash "
+            f"{existing.spec_hash() if existing else 'unreadable, dead-lettered'} vs "
             f"{spec.spec_hash()}); choose a new run id or replace it explicitly"
         )

@@ -1,4 +1,4 @@
-"""The in-memory model of JetStream that ``LocalBus`` runs on: subject matching, streams with
+"""The in-memory model of JetStream that ``LocalBus`` runs on: streams with
 sequences and per-message-id dedup, and the delivery state of a durable work consumer."""
 
 from __future__ import annotations
@@ -6,15 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-
-def matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching: ``*`` is one token, a trailing ``>`` one or more."""
-    want, have = pattern.split("."), subject.split(".")
-    if want[-1] == ">":
-        return len(have) >= len(want) and all(
-            w in ("*", h) for w, h in zip(want[:-1], have, strict=False)
-        )
-    return len(want) == len(have) and all(w in ("*", h) for w, h in zip(want, have, strict=True))
+from ..subjects import matches
 
 
 @dataclass

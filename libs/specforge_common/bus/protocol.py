@@ -5,15 +5,20 @@ Two implementations: ``jetstream.JetStreamBus`` (NATS JetStream, every deploymen
 ``local.LocalBus`` (one process, memory only, for ``specforge run --colocated`` and tests).
 Services are written against these protocols only, so neither nats-py nor its types reach them;
 ``docs/architecture.md`` describes the streams and subjects behind the methods.
+
+Every read path (work consumers, log reads, last records, the prompt log, KV records) applies one
+rule itself: a message that is no valid record of the type asked for is dead-lettered on the
+run's DLQ with its subject, stream sequence and reason, and skipped. No read raises
+``ContractError``, so no caller can stop on a bad message or forget to report it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from ..contracts import ContractError, EndOfSplit, PromptTask, Record, RunSpec, SampleRef, Split
+from ..contracts import EndOfSplit, PromptTask, Record, RunSpec, SampleRef, Split
 from ..subjects import RunSubjects, StreamKind
 from .config import BusConfig
 
@@ -25,6 +30,11 @@ class BusError(RuntimeError):
     pass
 
 
+class BusPermissionError(BusError):
+    """The server refused this connection's user an operation (deploy/nats-server.conf gives
+    each role only the subjects its job needs)."""
+
+
 class RunSpecConflict(BusError):
     """A different RunSpec is already stored under this run id."""
 
@@ -34,19 +44,6 @@ class Published:
     stream: str
     seq: int
     duplicate: bool  # the server already had this Nats-Msg-Id within the duplicate window
-
-
-@dataclass(frozen=True)
-class Undecodable:
-    """A log message that is not a valid record (a foreign or broken producer wrote it)."""
-
-    seq: int
-    subject: str
-    data: bytes
-    error: ContractError
-
-
-OnUndecodable = Callable[[Undecodable], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -198,15 +195,15 @@ class Bus(Protocol):
 
     async def stored_sequences(self, run_id: str, kind: StreamKind, subject: str) -> list[int]: ...
 
-    # ordered reads
+    # ordered reads (an unreadable message is dead-lettered and skipped, never raised)
     def read_log(
         self, stream: str, subject: str, record_type: Any, start_seq: int = 1, *,
-        follow: bool = False, idle_timeout: float = 5.0, undecodable: OnUndecodable | None = None,
+        follow: bool = False, idle_timeout: float = 5.0,
     ) -> AsyncIterator[tuple[int, Any]]: ...  # fmt: skip
 
     def replay(
         self, run_id: str, split: Split, start_seq: int = 1, *, follow: bool = False,
-        idle_timeout: float = 5.0, undecodable: OnUndecodable | None = None,
+        idle_timeout: float = 5.0,
     ) -> AsyncIterator[tuple[int, SampleRef | EndOfSplit]]: ...  # fmt: skip
 
     def records(
@@ -215,13 +212,17 @@ class Bus(Protocol):
 
     async def last_entry(
         self, run_id: str, kind: StreamKind, record_type: Any
-    ) -> tuple[int, Any] | None: ...
+    ) -> tuple[int, Any] | None:
+        """The newest readable record of a run stream (unreadable newer ones are skipped)."""
+        ...
 
     async def last_record(self, run_id: str, kind: StreamKind, record_type: Any) -> Any | None: ...
 
-    async def prompt_task(self, run_id: str, prompt_id: str) -> PromptTask | None: ...
+    async def prompt_task(self, run_id: str, prompt_id: str) -> PromptTask | None:
+        """The prompt log's task of ``prompt_id``; None when absent or unreadable."""
+        ...
 
-    # key-value
+    # key-value (an unreadable value reads as absent, once dead-lettered)
     async def put_record(self, key: str, record: Record, *, create_only: bool = False) -> bool: ...
 
     async def get_record(self, key: str, record_type: Any) -> Any | None: ...

@@ -1,6 +1,7 @@
 """What both buses derive from their own primitives, written once so they behave the same by
-construction: the shared reads, the one way a dead letter is written, waiting for a KV record,
-and the ack heartbeat of deliveries held for a long time."""
+construction: the one way a record is read (decoded, or dead-lettered and skipped), the one way
+a dead letter is written, the shared reads, waiting for a KV record, and the ack heartbeat of
+deliveries held for a long time."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from ..contracts import (
     decode,
 )
 from ..log import get_logger
-from ..subjects import RunSubjects, StreamKind
-from .protocol import BusError, ConsumerLag, Delivery, OnUndecodable, Published, Undecodable
+from ..subjects import RunSubjects, StreamKind, run_of_subject
+from .protocol import BusError, ConsumerLag, Delivery, Published
 
 log = get_logger(component="bus")
 
@@ -33,23 +34,60 @@ def given_up_reason(deliveries: int) -> str:
             "killed on it each time); JetStream stopped redelivering it")  # fmt: skip
 
 
-async def decode_or_report(
-    seq: int, subject: str, data: bytes, record_type: Any, undecodable: OnUndecodable | None
-) -> Any | None:
-    """The record, or None after handing an undecodable message to ``undecodable`` (which,
-    when not given, means the ``ContractError`` propagates)."""
-    try:
-        return decode(data, record_type, subject=subject)
-    except ContractError as exc:
-        if undecodable is None:
-            raise
-        await undecodable(Undecodable(seq, subject, bytes(data), exc))
-        return None
-
-
 class BusReads:
     """The part of ``Bus`` built on ``publish``, ``read_log``, ``last_entry``, ``stream_state``
-    and ``get_record``, which each implementation provides."""
+    and ``get_record``, which each implementation provides.
+
+    Every read of every implementation decodes through ``read_record``: a message that is no
+    valid record of the expected type (garbage, another kind, another major schema version) is
+    dead-lettered with its subject, sequence and reason and skipped, so one bad message can
+    neither stop a reader nor be forgotten by one.
+    """
+
+    config: Any
+    _letters_sent: set[tuple[str, int | None]]
+
+    def __init__(self) -> None:
+        self._letters_sent = set()  # (subject, seq) dead-lettered by this process
+
+    async def read_record(
+        self, subject: str, seq: int | None, data: bytes, record_type: Any
+    ) -> Any | None:
+        """The record in ``data`` (stored at ``subject``, ``seq``: a stream sequence or a KV
+        revision), or None once it is dead-lettered as unreadable."""
+        try:
+            return decode(data, record_type, subject=subject)
+        except ContractError as exc:
+            await self.dead_letter_unreadable(subject, seq, data, exc)
+            return None
+
+    async def dead_letter_unreadable(
+        self, subject: str, seq: int | None, data: bytes, error: ContractError, *,
+        service: str | None = None, deliveries: int = 0,
+    ) -> bool:  # fmt: skip
+        """Dead-letter a message that does not decode (``service``: who read it, by default
+        this connection's name), once per process (readers re-read logs; the message id dedups
+        across processes). Never raises: a reader must read on even when the letter cannot be
+        written (no DLQ stream); False then, and the next read retries."""
+        key = (subject, seq)
+        if key in self._letters_sent:
+            return True
+        run_id = run_of_subject(subject)
+        reason = f"unreadable record: {error}"
+        log.error("unreadable record dead-lettered and skipped", subject=subject, seq=seq,
+                  reason=reason)  # fmt: skip
+        if run_id is None:
+            return False
+        try:
+            await self.dead_letter(run_id, subject, data, reason,
+                                   service=service or self.config.name, deliveries=deliveries,
+                                   seq=seq)  # fmt: skip
+        except Exception as exc:  # no DLQ stream, broker gone: the read itself goes on
+            log.error("cannot dead-letter an unreadable record", subject=subject, seq=seq,
+                      error=repr(exc))  # fmt: skip
+            return False
+        self._letters_sent.add(key)
+        return True
 
     async def stream_depth(self, run_id: str, kind: StreamKind) -> int:
         return (await self.stream_state(run_id, kind)).messages
@@ -74,19 +112,17 @@ class BusReads:
         *,
         follow: bool = False,
         idle_timeout: float = 5.0,
-        undecodable: OnUndecodable | None = None,
     ) -> AsyncIterator[tuple[int, SampleRef | EndOfSplit]]:
         """``(stream sequence, record)`` of a split's samples log in order, from ``start_seq``.
 
         Without ``follow`` it stops at the last message present when called; with ``follow`` it
-        keeps waiting for new ones. Nothing is acked or consumed: replay leaves no trace. A
-        message that does not decode raises ``ContractError``, or is handed to ``undecodable``
-        and skipped (a reader that must not stop on one bad record).
+        keeps waiting for new ones. Nothing is acked or consumed: replay leaves no trace (but
+        for the dead letter of a message that does not decode, which is skipped).
         """
         subjects = RunSubjects(run_id)
         async for item in self.read_log(
             subjects.stream("samples"), subjects.samples(split), SampleRef | EndOfSplit,
-            start_seq, follow=follow, idle_timeout=idle_timeout, undecodable=undecodable,
+            start_seq, follow=follow, idle_timeout=idle_timeout,
         ):  # fmt: skip
             yield item
 

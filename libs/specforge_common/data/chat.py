@@ -27,7 +27,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from ..contracts import Message
 
@@ -178,6 +178,12 @@ def _offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]
     return encoding["input_ids"], encoding["offset_mapping"]
 
 
+class Tokenized(NamedTuple):
+    input_ids: list[int]
+    loss_mask: list[int]
+    total_tokens: int  # of the whole conversation, before the cut to max_length
+
+
 def tokenize_conversation(
     tokenizer: Any,
     messages: Sequence[MessageLike],
@@ -190,6 +196,21 @@ def tokenize_conversation(
     ``max_length``. The mask is 1 on every token overlapping an assistant turn's span (content
     + end-of-turn token; with ``policy="last_turn"`` only the last assistant turn), else 0.
     ``chat_template`` (Jinja text), when non-empty, replaces the tokenizer's own template."""
+    tokenized = tokenize_conversation_counted(
+        tokenizer, messages, max_length=max_length, policy=policy, chat_template=chat_template
+    )
+    return tokenized.input_ids, tokenized.loss_mask
+
+
+def tokenize_conversation_counted(
+    tokenizer: Any,
+    messages: Sequence[MessageLike],
+    *,
+    max_length: int,
+    policy: LossMaskPolicy = "assistant",
+    chat_template: str = "",
+) -> Tokenized:
+    """``tokenize_conversation`` plus the length before the cut, for reporting truncation."""
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
     if policy not in ("assistant", "last_turn"):
@@ -213,7 +234,7 @@ def tokenize_conversation(
             stop = bisect.bisect_left(starts, b)  # first token starting at or after b
             if stop > first:
                 loss_mask[first:stop] = [1] * (stop - first)
-    return input_ids, loss_mask
+    return Tokenized(input_ids, loss_mask, len(all_ids))
 
 
 def generation_prompt_ids(

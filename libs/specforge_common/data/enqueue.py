@@ -4,7 +4,10 @@ Per record: the split is ``split_of(id, spec.eval_fraction, spec.seed)``. In pre
 conversation is chat-templated and masked here (``tokenize_conversation``) and sent as
 ``input_ids`` + ``loss_mask`` (``loss_mask_policy="given"``); pre-tokenized rows are validated,
 truncated to ``max_length`` and passed through. Rows with fewer than ``spec.min_loss_tokens``
-supervised tokens are skipped. In decode mode the conversation is sent as ``messages`` (the
+supervised tokens are skipped with their cause (no assistant turn; the prompt alone fills
+``max_length``; too few supervised tokens left after the cut; too few even uncut), and the rows
+that lost tokens to the cut are counted with the longest cut (``EnqueueReport.truncated_rows``,
+``longest_cut``). In decode mode the conversation is sent as ``messages`` (the
 capture worker generates the replies); rows without a user turn before the first assistant
 turn, rows whose prompt alone fills ``max_length``, and pre-tokenized rows are skipped.
 
@@ -37,7 +40,13 @@ from ..bus import Bus, Published
 from ..contracts import EnqueueSummary, PromptTask, RunSpec, Split
 from ..log import get_logger
 from ..subjects import RunSubjects, enqueue_key
-from .chat import ChatTemplateError, generation_prompt_ids, split_of, tokenize_conversation
+from .chat import (
+    ChatTemplateError,
+    generation_prompt_ids,
+    split_of,
+    tokenize_conversation,
+    tokenize_conversation_counted,
+)
 from .sources import BadRecord, SourceRecord, read_conversations
 
 __all__ = [
@@ -69,6 +78,8 @@ class EnqueueReport:
     skipped: list[BadRecord] = field(default_factory=list)
     truncated_source: bool = False
     truncation: str = ""
+    truncated_rows: int = 0  # prompts cut to max_length (prefill mode)
+    longest_cut: int = 0  # the most tokens one of them lost
     vocab_map_hash: str = ""
     tokens_counted: int = 0  # supervised train tokens behind this enqueue's vocab map
     summary_written: bool = False  # False: an earlier enqueue's summary (and map) was kept
@@ -134,7 +145,9 @@ class _Skip(Exception):
 
 def _prefill_task(
     record: SourceRecord, spec: RunSpec, tokenizer: Any, vocab_size: int
-) -> tuple[list[int], list[int]]:
+) -> tuple[list[int], list[int], int]:
+    """``(input_ids, loss_mask, tokens cut)``; a row that cannot supervise is skipped with its
+    cause."""
     if record.pretokenized:
         assert record.input_ids is not None and record.loss_mask is not None
         too_big = next((t for t in record.input_ids if t >= vocab_size), None)
@@ -142,22 +155,55 @@ def _prefill_task(
             raise _Skip(f"token id {too_big} is outside the target vocab [0, {vocab_size})")
         ids = record.input_ids[: spec.max_length]
         mask = record.loss_mask[: spec.max_length]
+        full_mask, total = record.loss_mask, len(record.input_ids)
     else:
         assert record.messages is not None
-        ids, mask = tokenize_conversation(
+        if not any(m.role == "assistant" for m in record.messages):
+            raise _Skip("no assistant turn: nothing to supervise")
+        ids, mask, total = tokenize_conversation_counted(
             tokenizer,
             record.messages,
             max_length=spec.max_length,
             policy=spec.loss_mask_policy,
             chat_template=spec.chat_template,
         )
+        full_mask = None
     supervised = sum(mask)
     if supervised < spec.min_loss_tokens:
-        raise _Skip(
-            f"{supervised} supervised tokens within max_length={spec.max_length} "
-            f"(min_loss_tokens={spec.min_loss_tokens})"
+        raise _Skip(_unsupervised_reason(record, spec, tokenizer, supervised, total, full_mask))
+    return ids, mask, total - len(ids)
+
+
+def _unsupervised_reason(
+    record: SourceRecord,
+    spec: RunSpec,
+    tokenizer: Any,
+    supervised: int,
+    total: int,
+    full_mask: list[int] | None,
+) -> str:
+    """Why a row has too few supervised tokens: the prompt alone fills ``max_length``, the cut
+    left too few, or the conversation supervises too few even uncut."""
+    least = f"min_loss_tokens={spec.min_loss_tokens}"
+    if total <= spec.max_length:
+        return f"only {supervised} supervised tokens in the whole conversation ({least})"
+    if full_mask is None:  # the cut fell inside the conversation: where did supervision start?
+        assert record.messages is not None
+        _, full_mask, _ = tokenize_conversation_counted(
+            tokenizer,
+            record.messages,
+            max_length=total,
+            policy=spec.loss_mask_policy,
+            chat_template=spec.chat_template,
         )
-    return ids, mask
+    first = next((i for i, m in enumerate(full_mask) if m), None)
+    if first is None:
+        return f"no supervised token in the whole conversation ({least})"
+    if first >= spec.max_length:
+        return (f"the prompt alone is {first} tokens, at or past max_length={spec.max_length}: "
+                "no supervised token left")  # fmt: skip
+    return (f"only {supervised} supervised tokens left after truncation to "
+            f"max_length={spec.max_length} (of {sum(full_mask)}; {least})")  # fmt: skip
 
 
 def _check_decode(record: SourceRecord, spec: RunSpec, tokenizer: Any) -> None:
@@ -269,7 +315,10 @@ async def enqueue(
                     )
                     _count(counter, ids, mask)
             else:
-                ids, mask = _prefill_task(item, spec, tokenizer, vocab_size)
+                ids, mask, cut = _prefill_task(item, spec, tokenizer, vocab_size)
+                if cut > 0:
+                    report.truncated_rows += 1
+                    report.longest_cut = max(report.longest_cut, cut)
                 task = PromptTask(
                     run_id=run,
                     prompt_id=item.id,
@@ -353,6 +402,8 @@ async def enqueue(
         eval=report.eval,
         skipped=len(report.skipped),
         truncated_source=report.truncated_source,
+        truncated_rows=report.truncated_rows,
+        longest_cut=report.longest_cut,
         vocab_map_hash=report.vocab_map_hash,
         summary_written=report.summary_written,
         seconds=round(report.seconds, 2),

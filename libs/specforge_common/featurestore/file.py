@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 import xxhash
 
+from specforge_common import faults
 from specforge_common.contracts import FeatureLocation
 from specforge_common.durable import fsync_dir, temp_sibling
 from specforge_common.featurestore import codec
@@ -249,6 +250,7 @@ class FileFeatureStore:
         tmp = temp_sibling(final)
         hasher = codec.new_hasher()
         try:
+            faults.point("store.put")  # SPECFORGE_FAULT=store.put@1-3:enospc: a full disk
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0))
             try:
                 with memoryview(buf) as view:

@@ -156,6 +156,53 @@ async def test_prefill_publishes_templated_prompts_and_vocab_map(
     assert summary.tokens_counted == report.tokens_counted == train_tokens
 
 
+async def test_each_skip_names_its_cause_and_truncation_is_counted(
+    bus, run_id: str, target: Path, tokenizer, tmp_path: Path
+) -> None:
+    """No assistant turn, a prompt that alone fills max_length, too little supervision left
+    after the cut, and too little even uncut are four different reasons; rows that lose tokens
+    to the cut are counted with the longest cut."""
+    spec = make_spec(run_id, target, tmp_path, min_loss_tokens=5)
+
+    def chat(user: str, reply: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+    long_prompt, reply_cut = chat(text(1, 60), text(2, 5)), chat(text(3, 14), text(4, 10))
+    fits_cut, tiny_reply = chat(text(5, 4), text(6, 60)), chat(text(7, 4), "Paris")
+    rows = [
+        {"id": "ok", "conversations": conversation(1)},
+        {"id": "noreply", "conversations": [{"role": "user", "content": text(8, 5)}]},
+        {"id": "long", "conversations": long_prompt},
+        {"id": "cut", "conversations": reply_cut},
+        {"id": "fits", "conversations": fits_cut},
+        {"id": "tiny", "conversations": tiny_reply},
+        {"id": "pre", "input_ids": list(range(70)), "loss_mask": [0] * 10 + [1] * 60},
+    ]
+    source = write_jsonl(tmp_path / "chats.jsonl", rows)
+
+    report = await enqueue(bus, spec, source, tokenizer=tokenizer)
+
+    reasons = {s.line: s.reason for s in report.skipped}
+    assert set(reasons) == {2, 3, 4, 6}, reasons
+    assert reasons[2] == "no assistant turn: nothing to supervise"
+    full = {r["id"]: tokenize_conversation(tokenizer, r["conversations"], max_length=10_000)
+            for r in rows if "conversations" in r}  # fmt: skip
+    first_supervised = full["long"][1].index(1)
+    assert first_supervised >= 48
+    assert reasons[3].startswith(f"the prompt alone is {first_supervised} tokens, at or past "
+                                 "max_length=48")  # fmt: skip
+    left = sum(full["cut"][1][:48])
+    assert 0 < left < 5
+    assert reasons[4] == (f"only {left} supervised tokens left after truncation to max_length=48 "
+                          f"(of {sum(full['cut'][1])}; min_loss_tokens=5)")  # fmt: skip
+    assert len(full["tiny"][0]) <= 48
+    assert reasons[6] == (f"only {sum(full['tiny'][1])} supervised tokens in the whole "
+                          "conversation (min_loss_tokens=5)")  # fmt: skip
+    cuts = [len(full[k][0]) - 48 for k in ("ok", "fits") if len(full[k][0]) > 48] + [70 - 48]
+    assert report.truncated_rows == len(cuts) >= 2
+    assert report.longest_cut == max(cuts)
+
+
 async def test_enqueuing_the_same_file_twice_adds_nothing(
     bus, run_id: str, target: Path, tokenizer, tmp_path: Path
 ) -> None:

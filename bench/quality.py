@@ -403,11 +403,19 @@ def evaluate_prompt_sets(
             continue
         first = ServingEval(engine, prompts, num_draft_tokens=ks[0],
                             max_new_tokens=max_new_tokens)  # fmt: skip
+        started = time.perf_counter()
+        print(f"  {name}: target-only baseline on {len(prompts)} prompts ...", flush=True)
         first.prepare()
-        results[name] = [
-            result_row(first.with_draft_tokens(k).evaluate(draft), k, len(prompts), last_eval)
-            for k in ks
-        ]
+        print(f"  {name}: baseline done in {time.perf_counter() - started:.0f} s", flush=True)
+        results[name] = []
+        for k in ks:
+            started = time.perf_counter()
+            row = result_row(first.with_draft_tokens(k).evaluate(draft), k, len(prompts),
+                             last_eval)  # fmt: skip
+            results[name].append(row)
+            print(f"  {name} k={k}: AL {_f(row['serving_acceptance_length'], '.3f')}, "
+                  f"speedup {_f(row['speedup'], '.2f', 'x')}, lossless {row['lossless']} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
     return results
 
 

@@ -9,7 +9,6 @@ import asyncio
 from pathlib import Path
 
 import msgspec
-import pytest
 import torch
 
 from specforge_capture.names import DURABLE, RECAPTURE_DURABLE
@@ -18,7 +17,6 @@ from specforge_common.contracts import SampleRef, TrainerProgress
 from specforge_common.data.enqueue import publish_prompts
 from specforge_common.featurestore import open_store
 from specforge_common.subjects import RunSubjects, progress_key
-from specforge_common.targets import HFTargetEngine, make_tiny_target
 from tests.capture.test_worker import (
     TIMEOUT,
     make_spec,
@@ -29,16 +27,6 @@ from tests.capture.test_worker import (
     until,
     write_summary,
 )
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_target(tmp_path_factory.mktemp("recapture-target") / "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def engine(target_dir: Path) -> HFTargetEngine:
-    return HFTargetEngine.from_pretrained(target_dir)
 
 
 def progress(spec, *, done: bool) -> TrainerProgress:

@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
-
 from specforge_common.contracts import TrainerProgress
 from specforge_common.subjects import kv_subject, progress_key
-from specforge_common.targets import HFTargetEngine, make_tiny_target
+from specforge_common.targets import HFTargetEngine
 from tests.capture.test_worker import (
     TIMEOUT,
     make_spec,
@@ -28,16 +26,6 @@ from tests.unreadable import (
     publish_raw,
     put_raw,
 )
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_target(tmp_path_factory.mktemp("capture-target") / "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def engine(target_dir: Path) -> HFTargetEngine:
-    return HFTargetEngine.from_pretrained(target_dir)
 
 
 async def test_capture_dead_letters_what_it_cannot_read_and_captures_every_prompt(

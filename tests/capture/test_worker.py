@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import msgspec
-import pytest
 import torch
 
 from specforge_capture.prepare import decode_seed
@@ -32,20 +31,10 @@ from specforge_common.contracts import (
 )
 from specforge_common.featurestore import open_store
 from specforge_common.subjects import RunSubjects, enqueue_key
-from specforge_common.targets import HFTargetEngine, make_tiny_target
+from specforge_common.targets import HFTargetEngine
 from tests.support import tiny_run_spec
 
 TIMEOUT = 30.0
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_target(tmp_path_factory.mktemp("capture-target") / "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def engine(target_dir: Path) -> HFTargetEngine:
-    return HFTargetEngine.from_pretrained(target_dir)
 
 
 # --- helpers --------------------------------------------------------------------------------

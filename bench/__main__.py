@@ -17,6 +17,7 @@ SUITES = [
     "mooncake",
     "bus",
     "train_step",
+    "algorithms",
     "capture",
     "pipeline",
     "checkpoints",

@@ -413,9 +413,12 @@ def evaluate_prompt_sets(
             row = result_row(first.with_draft_tokens(k).evaluate(draft), k, len(prompts),
                              last_eval)  # fmt: skip
             results[name].append(row)
-            print(f"  {name} k={k}: AL {_f(row['serving_acceptance_length'], '.3f')}, "
-                  f"speedup {_f(row['speedup'], '.2f', 'x')}, lossless {row['lossless']} "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            print(
+                f"  {name} k={k}: AL {_f(row['serving_acceptance_length'], '.3f')}, "
+                f"speedup {_f(row['speedup'], '.2f', 'x')}, lossless {row['lossless']} "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
     return results
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from specforge_common.batch import feature_keys
 from specforge_common.bus import Bus
 from specforge_common.contracts import (
     DraftSpec,
@@ -50,6 +51,10 @@ def tiny_run_spec(
     return RunSpec(**(fields | over))
 
 
+# A DFlash draft sized for the tiny targets: small blocks, few anchors.
+TINY_DFLASH = DraftSpec(strategy="dflash", config={"block_size": 4, "num_anchors": 8})
+
+
 def sample_id_for(run_id: str, prompt_id: str, spec_hash: str) -> str:
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in prompt_id)[:64]
     digest = hashlib.sha256(f"{run_id}:{prompt_id}:{spec_hash}".encode()).hexdigest()[:16]
@@ -74,8 +79,10 @@ async def seed_captured_run(
     await bus.put_run_spec(spec)
     spec_hash = spec.spec_hash()
     engine = HFTargetEngine.from_pretrained(
-        spec.target.path, aux_layer_ids=spec.draft.aux_layer_ids
-    )
+        spec.target.path, aux_layer_ids=spec.draft.aux_layer_ids, draft_config=spec.draft.config,
+        capture_method=spec.capture_method,
+    )  # fmt: skip
+    keys = feature_keys(spec.capture_method)
     store = open_store(spec.store_uri)
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.info.vocab_size
@@ -90,19 +97,20 @@ async def seed_captured_run(
         out = engine.capture(input_ids[None], torch.ones(1, length, dtype=torch.int64))
         prompt_id = f"p{i}"
         sample_id = sample_id_for(spec.run_id, prompt_id, spec_hash)
-        location = store.put(sample_id, {
+        tensors = {
             "input_ids": input_ids, "loss_mask": loss_mask,
             "aux_hidden_states": out.aux_hidden_states[0].clone(),
             "hidden_states": out.hidden_states[0].clone(),
-        })  # fmt: skip
+        }  # fmt: skip
+        location = store.put(sample_id, {k: tensors[k] for k in keys})
         ref = SampleRef(sample_id=sample_id, run_id=spec.run_id, prompt_id=prompt_id, split=split,
                         producer="seed", features=location, num_tokens=length,
-                        run_spec_hash=spec_hash)  # fmt: skip
+                        run_spec_hash=spec_hash, method=spec.capture_method)  # fmt: skip
         await bus.publish(subjects.samples(split), ref, msg_id=sample_id)
         refs[split].append(ref)
         if split == "train":
             counter.update(input_ids, loss_mask)
-    vocab_map = build_vocab_map(counter.counts, vocab, spec.draft.draft_vocab_size)
+    vocab_map = build_vocab_map(counter.counts, vocab, spec.draft_vocab_size(vocab))
     vocab_location = store.put(f"{spec.run_id}-vocab-map",
                                stored_tensors(vocab_map, counter.counts))  # fmt: skip
     summary = EnqueueSummary(

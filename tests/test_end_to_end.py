@@ -13,13 +13,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from specforge_common.batch import sample_seed
 from specforge_common.bus import Bus
 from specforge_common.contracts import CheckpointEvent, EndOfSplit, EvalResult
-from specforge_common.eagle3 import load_draft
+from specforge_common.drafts import algorithm_of_draft, load_any_draft
 from specforge_common.featurestore import open_store
+from specforge_common.strategies import STRATEGIES
 from specforge_common.targets.head import load_embedding, load_lm_head
 from specforge_common.targets.tiny import make_tiny_target
-from specforge_evaluator.offline import evaluate_draft
+from specforge_evaluator.offline import evaluate_strategy
 from tests.mooncake_support import needs_mooncake
 from tests.support import sample_id_for
 
@@ -70,8 +72,18 @@ max_samples = 10
     return path
 
 
+# Per algorithm, the overrides that size its draft for the tiny target.
+ALGORITHMS = {
+    "eagle3": [],
+    "dflash": ["strategy=dflash", "draft.config.block_size=4", "draft.config.num_anchors=16"],
+    "domino": ["strategy=domino", "draft.config.block_size=4", "draft.config.num_anchors=16",
+               "draft.config.gru_hidden_dim=32", "draft.config.correction_dim=32"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 async def test_specforge_run_end_to_end(
-    tmp_path: Path, tiny_target: Path, nats_server, bus: Bus, run_id: str
+    tmp_path: Path, tiny_target: Path, nats_server, bus: Bus, run_id: str, algorithm: str
 ) -> None:
     data = tmp_path / "conversations.jsonl"
     prompt_ids = write_dataset(data, 40)
@@ -80,11 +92,13 @@ async def test_specforge_run_end_to_end(
                "--run", run_id, "--source", str(data), "--limit", "100",
                "--workdir", str(tmp_path / "work"), "--captures", "2",
                "--no-embedded", "--nats", nats_server.url]  # fmt: skip
+    for override in ALGORITHMS[algorithm]:
+        command += ["--set", override]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
     spec = await bus.get_run_spec(run_id)
-    assert spec is not None
+    assert spec is not None and spec.draft.strategy == algorithm
 
     # Every prompt became exactly one SampleRef, with the deterministic id.
     refs = {"train": [], "eval": []}
@@ -99,6 +113,7 @@ async def test_specforge_run_end_to_end(
     }
     assert refs["eval"], "the eval split should not be empty"
     assert {r.producer for r in all_refs} <= {"capture-0", "capture-1"}
+    assert {r.method for r in all_refs} == {spec.capture_method}
     assert await bus.stream_depth(run_id, "prompts") == 0
 
     # Every checkpoint got an EvalResult; training helped on the held-out split.
@@ -118,16 +133,22 @@ async def test_specforge_run_end_to_end(
     for png in ("loss.png", "acceptance_per_position.png", "acceptance_length.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png in html
 
-    # The exported drafts load back in the SGLang layout, and the training loss on the train
-    # samples (same data, same batching) is lower at the end than at the start.
-    embedding, head = load_embedding(tiny_target), load_lm_head(tiny_target)
+    # The exported drafts load back in the SGLang layout of their algorithm, and the training
+    # loss on the train samples (same data, same batching) is lower at the end than at the start.
+    embedding, head = load_embedding(tiny_target).float(), load_lm_head(tiny_target).float()
     store = open_store(spec.store_uri)
     train_samples = [store.get(r.features) for r in refs["train"]]
+    seeds = [sample_seed(spec.seed, r.prompt_id, 0) for r in refs["train"]]
     losses = []
     for event in (checkpoints[0], checkpoints[-1]):
-        draft = load_draft(event.checkpoint_uri, embedding=embedding)
-        assert draft.config.draft_vocab_size == 128
-        metrics = evaluate_draft(draft, head, train_samples, ttt_length=3, batch_size=2)
+        assert algorithm_of_draft(event.checkpoint_uri) == algorithm
+        draft = load_any_draft(event.checkpoint_uri, embedding=embedding)
+        if algorithm == "eagle3":
+            assert draft.config.draft_vocab_size == 128
+        strategy = STRATEGIES.get(algorithm).from_spec(
+            spec, draft, target_head=head, target_embedding=embedding, total_steps=event.step + 1
+        )
+        metrics = evaluate_strategy(strategy, draft, train_samples, batch_size=2, seeds=seeds)
         losses.append(metrics.summary()["loss"])
     assert losses[1] < losses[0]
     assert "exported draft" in done.stdout

@@ -3,7 +3,9 @@
 Precedence (later wins): the file, ``SPECFORGE_RUN__SECTION__KEY=value`` environment variables,
 ``--set section.key=value`` flags. Values are TOML literals (``3e-4``, ``true``, ``[1, 2]``);
 anything that does not parse as one is taken as a string. Unknown keys are refused so a typo
-never silently falls back to a default.
+never silently falls back to a default. ``strategy`` is short for ``draft.strategy``; the spec
+comes back resolved (``RunSpec.resolved``: the strategy's architecture and capture method
+spelled out).
 
 A config is a file or the name of one shipped in ``specforge_common/configs`` (``demo``, the
 recipes). Its optional ``[launch]`` table is not part of the RunSpec: it holds what
@@ -27,6 +29,7 @@ from .contracts import RunSpec
 ENV_PREFIX = "SPECFORGE_RUN__"
 LAUNCH_TABLE = "launch"
 LAUNCH_KEYS = {"source": str, "limit": int}
+ALIASES = {"strategy": "draft.strategy"}  # short override keys
 
 
 class ConfigError(ValueError):
@@ -87,11 +90,12 @@ def build_run_spec(
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        set_path(merged, key.strip(), parse_value(text.strip()))
+        key = ALIASES.get(key.strip(), key.strip())
+        set_path(merged, key, parse_value(text.strip()))
     _check_keys(merged, RunSpec, "")
     merged.setdefault("kind", "RunSpec")
     try:
-        return msgspec.convert(merged, RunSpec)
+        return msgspec.convert(merged, RunSpec).resolved()
     except msgspec.ValidationError as exc:
         text = str(exc)
         match = re.search(r"at `\$\.?([^`]*)`", text)

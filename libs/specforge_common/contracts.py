@@ -15,6 +15,8 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from .algorithms import algorithm
+
 SCHEMA_VERSION = 1
 
 Split = Literal["train", "eval"]
@@ -76,10 +78,12 @@ class TargetSpec(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class DraftSpec(msgspec.Struct, kw_only=True, frozen=True):
-    architecture: str = "llama_eagle3"
-    strategy: str = "eagle3"
+    strategy: str = "eagle3"  # the algorithm: eagle3 | dflash | domino (``algorithms.py``)
+    architecture: str = ""  # empty: the strategy's own draft architecture
     draft_vocab_size: int = 32000
-    aux_layer_ids: tuple[int, ...] | None = None  # None: the spec's default rule
+    # The target layers capture extracts (EAGLE-3's aux layers, DFlash's target_layer_ids);
+    # None: the capture method's default rule.
+    aux_layer_ids: tuple[int, ...] | None = None
     config: dict[str, Any] = {}  # overrides of the auto-generated draft config
     init_from: str = ""  # warm start: a directory with an SGLang-layout EAGLE-3 draft
 
@@ -111,6 +115,9 @@ class TrainSpec(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class CaptureSpec(msgspec.Struct, kw_only=True, frozen=True):
+    # The feature set stored per sample (``batch.FEATURE_KEYS_BY_METHOD``); empty: the one the
+    # strategy reads. Set explicitly it must agree with the strategy.
+    method: str = ""
     mode: Literal["prefill", "decode"] = "prefill"
     temperature: float = 0.0  # decode mode: 0 = greedy
     max_new_tokens: int = 512
@@ -166,6 +173,37 @@ class RunSpec(Record, kw_only=True, frozen=True):
             raise ValueError("max_length must be positive")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError("eval_fraction must be in [0, 1)")
+        wanted = algorithm(self.draft.strategy).capture_method
+        if self.capture.method and self.capture.method != wanted:
+            raise ValueError(
+                f"strategy {self.draft.strategy!r} trains on {wanted!r} features but "
+                f"capture.method is {self.capture.method!r}; leave capture.method empty"
+            )
+
+    @property
+    def capture_method(self) -> str:
+        """The feature set this run captures and trains on."""
+        return self.capture.method or algorithm(self.draft.strategy).capture_method
+
+    @property
+    def draft_architecture(self) -> str:
+        """Registry name of the draft architecture the trainer builds."""
+        return self.draft.architecture or algorithm(self.draft.strategy).architecture
+
+    def draft_vocab_size(self, target_vocab_size: int) -> int:
+        """Tokens the draft predicts over: ``draft.draft_vocab_size`` for an algorithm with a
+        reduced draft vocabulary (EAGLE-3), the target's whole vocabulary otherwise."""
+        if algorithm(self.draft.strategy).reduced_vocab:
+            return self.draft.draft_vocab_size
+        return target_vocab_size
+
+    def resolved(self) -> RunSpec:
+        """This spec with the strategy's defaults spelled out (what goes on the bus)."""
+        return msgspec.structs.replace(
+            self,
+            draft=msgspec.structs.replace(self.draft, architecture=self.draft_architecture),
+            capture=msgspec.structs.replace(self.capture, method=self.capture_method),
+        )
 
     @property
     def samples_run(self) -> str:
@@ -238,6 +276,7 @@ class SampleRef(Record, kw_only=True, frozen=True):
     features: FeatureLocation
     num_tokens: int
     run_spec_hash: str
+    method: str = "eagle3"  # the capture method: which tensors ``features`` holds
     created_at: float = msgspec.field(default_factory=time.time)
 
 

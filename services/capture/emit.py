@@ -1,12 +1,13 @@
 """The emit stage: a captured forward's samples become durable, then their prompts are acked.
 
 For each forward, in a task of its own fed by a one-slot queue (so it stores, publishes and acks
-forward k while forward k+1 runs): store each sample's tensors (``FEATURE_KEYS``: ``input_ids``,
-``loss_mask`` int64 [T], ``aux_hidden_states`` [T, 3H], ``hidden_states`` [T, H], engine dtype,
-no batch dim), publish the SampleRefs with ``Nats-Msg-Id = sample_id`` and, once every PubAck is
-in, ack the prompts. A crash anywhere before the ack means redelivery: the sample id is
-deterministic, the store keeps the first copy of an id and JetStream drops the duplicate
-SampleRef (within its duplicate window), so no sample is lost or doubled.
+forward k while forward k+1 runs): store each sample's tensors (the capture method's
+``feature_keys``: ``input_ids``, ``loss_mask`` int64 [T], ``aux_hidden_states`` [T, nH] and, for
+eagle3, ``hidden_states`` [T, H]; engine dtype, no batch dim), publish the SampleRefs with
+``Nats-Msg-Id = sample_id`` and, once every PubAck is in, ack the prompts. A crash anywhere before
+the ack means redelivery: the sample id is deterministic, the store keeps the first copy of an id
+and JetStream drops the duplicate SampleRef (within its duplicate window), so no sample is lost or
+doubled.
 
 A re-captured sample's SampleRef goes to ``sf.<run>.samples.recaptured`` with
 ``msg_id = recaptured:<sample id>:<attempt>``, never to the split's log, which already has the
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from specforge_common import faults
-from specforge_common.batch import FEATURE_KEYS
+from specforge_common.batch import feature_keys
 from specforge_common.bus import Bus
 from specforge_common.contracts import SampleRef
 from specforge_common.featurestore import FeatureStore
@@ -47,6 +48,7 @@ class Emitter:
         *,
         run_id: str,
         spec_hash: str,
+        method: str,
         producer_id: str,
         stats: CaptureStats,
         held: Held,
@@ -58,6 +60,8 @@ class Emitter:
         self.bus = bus
         self.store = store
         self.run_id = run_id
+        self.method = method
+        self.keys = feature_keys(method)
         self.spec_hash = spec_hash
         self.producer_id = producer_id
         self.subjects = RunSubjects(run_id)
@@ -143,7 +147,9 @@ class Emitter:
         for p, (aux, hidden) in zip(chunk, rows, strict=True):
             ids = torch.tensor(p.input_ids, dtype=torch.int64)
             mask = torch.tensor(p.loss_mask, dtype=torch.int64)
-            tensors = dict(zip(FEATURE_KEYS, (ids, mask, aux, hidden), strict=True))
+            every = {"input_ids": ids, "loss_mask": mask, "aux_hidden_states": aux,
+                     "hidden_states": hidden}  # fmt: skip
+            tensors = {key: every[key] for key in self.keys}
             location = self.store.put(p.sample_id, tensors)
             refs.append(
                 SampleRef(
@@ -155,6 +161,7 @@ class Emitter:
                     features=location,
                     num_tokens=len(p.input_ids),
                     run_spec_hash=self.spec_hash,
+                    method=self.method,
                 )
             )
         return refs

@@ -47,7 +47,7 @@ from specforge_common.contracts import PromptTask, RunSpec
 from specforge_common.featurestore import FeatureStore
 from specforge_common.log import get_logger
 from specforge_common.subjects import RunSubjects
-from specforge_common.targets import TargetEngine
+from specforge_common.targets import TargetEngine, check_engine_layers
 
 from .backpressure import BackpressureGate
 from .decode import Decoder
@@ -97,6 +97,7 @@ class CaptureWorker:
         self.fetch_timeout_s = fetch_timeout_s
         self.run_id = spec.run_id
         self.spec_hash = spec.spec_hash()
+        check_engine_layers(spec, engine)
         self.subjects = RunSubjects(self.run_id)
         self.stats = CaptureStats()
         self.log = get_logger(service=SERVICE, run=self.run_id, producer=producer_id)
@@ -118,8 +119,9 @@ class CaptureWorker:
             backoff_s=backoff_s, max_deliver=bus.config.max_deliver,
         )  # fmt: skip
         self.emitter = Emitter(
-            bus, store, run_id=self.run_id, spec_hash=self.spec_hash, producer_id=producer_id,
-            stats=self.stats, held=self.held, failures=self.failures, log=self.log,
+            bus, store, run_id=self.run_id, spec_hash=self.spec_hash,
+            method=spec.capture_method, producer_id=producer_id, stats=self.stats,
+            held=self.held, failures=self.failures, log=self.log,
             progress=self._log_progress, progress_every=progress_every,
         )  # fmt: skip
         self.decoder = Decoder(

@@ -224,11 +224,15 @@ def pays_for_itself(result: EvalResult, k: int) -> str | None:
     chain = f", k = {k}"
     srv = _num(result.serving_acceptance_length, 2)
     if speedup >= 1.0:
-        return (f"the draft pays for itself on this machine: {speedup:.2f}x the target's own "
-                f"decoding speed (serving acceptance length {srv}{chain})")
-    return (f"the draft does NOT pay for itself on this machine yet: {speedup:.2f}x the "
-            f"target's own decoding speed (serving acceptance length {srv}{chain}); "
-            "it needs more training")
+        return (
+            f"the draft pays for itself on this machine: {speedup:.2f}x the target's own "
+            f"decoding speed (serving acceptance length {srv}{chain})"
+        )
+    return (
+        f"the draft does NOT pay for itself on this machine yet: {speedup:.2f}x the "
+        f"target's own decoding speed (serving acceptance length {srv}{chain}); "
+        "it needs more training"
+    )
 
 
 def _num(value: float | None, digits: int = 4) -> str:

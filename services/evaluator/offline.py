@@ -1,7 +1,9 @@
 """Offline metrics of a draft on captured eval samples: per-position accuracy and acceptance.
 
-The draft runs the same training-time-test unroll as training (``Eagle3Strategy``), without
-gradients, over right-padded batches of the stored sample tensors. ``Eagle3Metrics`` keeps raw
+The draft runs its training strategy's forward (``evaluate_strategy``: any algorithm; for
+EAGLE-3 the training-time-test unroll, ``evaluate_draft``), without gradients, over
+right-padded batches of the stored sample tensors. Block drafters draw their anchors from each
+sample's seed, so every checkpoint is scored on the same blocks. ``Eagle3Metrics`` keeps raw
 sums, so the counts (correct and supervised positions, expected acceptance and the positions it
 is averaged over) do not depend on how the samples are batched. ``ploss_k`` and ``loss`` in
 ``summary()`` are normalised by all B*T positions, padding included (the training convention),
@@ -21,8 +23,40 @@ from torch import Tensor
 from specforge_common.batch import collate
 from specforge_common.eagle3 import Eagle3Metrics, Eagle3Strategy
 from specforge_common.models.eagle3 import AttentionBackend, Eagle3Draft
+from specforge_common.strategy import Strategy, StrategyMetrics
 
-__all__ = ["collate", "evaluate_draft"]
+__all__ = ["collate", "evaluate_draft", "evaluate_strategy"]
+
+
+@torch.no_grad()
+def evaluate_strategy(
+    strategy: Strategy,
+    draft: torch.nn.Module,
+    samples: Sequence[Mapping[str, Tensor]],
+    *,
+    batch_size: int,
+    seeds: Sequence[int] | None = None,
+) -> StrategyMetrics:
+    """Summed metrics of ``strategy`` (over ``draft``) on ``samples``, in order, ``batch_size``
+    at a time; ``seeds``: one per sample (``batch.sample_seed``) for strategies that draw.
+
+    The draft is put in eval mode for the call and its previous mode restored. Zero samples
+    give zero sums: callers must treat that as "no data", not as zero accuracy.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(draft.parameters()).device
+    total = strategy.empty_metrics()
+    was_training = draft.training
+    draft.eval()
+    try:
+        for start in range(0, len(samples), batch_size):
+            rows = slice(start, start + batch_size)
+            batch = collate(samples[rows], seeds=None if seeds is None else seeds[rows])
+            total = total + strategy(batch.to(device)).metrics
+    finally:
+        draft.train(was_training)
+    return total
 
 
 @torch.no_grad()
@@ -41,17 +75,5 @@ def evaluate_draft(
     previous mode restored. Zero samples give ``Eagle3Metrics.zeros`` (all counts 0): callers
     must treat that as "no data", not as zero accuracy.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     strategy = Eagle3Strategy(draft, target_head, ttt_length=ttt_length, attention=attention)
-    device = draft.fc.weight.device
-    total = Eagle3Metrics.zeros(ttt_length, strategy.step_weight_decay)
-    was_training = draft.training
-    draft.eval()
-    try:
-        for start in range(0, len(samples), batch_size):
-            batch = collate(samples[start : start + batch_size])
-            total = total + strategy(batch.to(device)).metrics
-    finally:
-        draft.train(was_training)
-    return total
+    return evaluate_strategy(strategy, draft, samples, batch_size=batch_size)

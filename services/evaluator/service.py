@@ -42,7 +42,7 @@ from torch import Tensor
 
 from specforge_common import faults
 from specforge_common.aio import cancel_and_wait
-from specforge_common.batch import SampleError, check_sample
+from specforge_common.batch import SampleError, check_sample, sample_seed
 from specforge_common.bus import Bus, Delivery, heartbeat
 from specforge_common.contracts import (
     CheckpointEvent,
@@ -51,24 +51,28 @@ from specforge_common.contracts import (
     RunSpec,
     SampleRef,
 )
+from specforge_common.drafts import load_any_draft
 from specforge_common.durable import sha256_file, write_atomic
-from specforge_common.eagle3 import CheckpointError, Eagle3Metrics, load_draft
+from specforge_common.eagle3 import CheckpointError
 from specforge_common.eagle3.layout import CONFIG_NAME, WEIGHTS_NAME
-from specforge_common.eagle3.model_card import (
+from specforge_common.featurestore import FeatureStore, FeatureStoreError
+from specforge_common.log import get_logger
+from specforge_common.model_card import (
     CARD_NAME,
     Machine,
     ModelCardFacts,
     read_card_facts,
     render_model_card,
 )
-from specforge_common.featurestore import FeatureStore, FeatureStoreError
-from specforge_common.log import get_logger
-from specforge_common.models.eagle3 import Eagle3Config
+from specforge_common.models import DraftModel
+from specforge_common.models.dflash import DFlashDraft
 from specforge_common.replayed import data_run_spec
+from specforge_common.strategies import STRATEGIES
+from specforge_common.strategy import StrategyMetrics
 from specforge_common.subjects import RunSubjects
 from specforge_common.targets import load_embedding, load_lm_head
 
-from .offline import evaluate_draft
+from .offline import evaluate_strategy
 from .serving import ServingEval, prompts_from_samples
 
 SERVICE = "evaluator"
@@ -85,6 +89,7 @@ class EvalSet:
 
     samples: list[dict[str, Tensor]] = field(default_factory=list)
     sample_ids: list[str] = field(default_factory=list)
+    prompt_ids: list[str] = field(default_factory=list)
     skipped: int = 0  # refs with another spec hash, duplicates, unreadable tensors
     reached_end: bool = False  # the EndOfSplit marker was read (else max_samples was reached)
 
@@ -150,8 +155,13 @@ async def read_eval_split(
                         out.skipped += 1
                         continue
                     try:
+                        if record.method != data_spec.capture_method:
+                            raise SampleError(
+                                f"it holds {record.method!r} features, the run trains on "
+                                f"{data_spec.capture_method!r}"
+                            )
                         tensors = store.get(record.features)
-                        check_sample(tensors)
+                        check_sample(tensors, method=data_spec.capture_method)
                     except (FeatureStoreError, SampleError) as exc:
                         log.warning(
                             "eval sample unreadable, skipped",
@@ -163,6 +173,7 @@ async def read_eval_split(
                     seen.add(record.sample_id)
                     out.samples.append(dict(tensors))
                     out.sample_ids.append(record.sample_id)
+                    out.prompt_ids.append(record.prompt_id)
                     if len(out.samples) >= limit:
                         break
     finally:
@@ -170,13 +181,14 @@ async def read_eval_split(
     return out
 
 
-def eval_result_fields(metrics: Eagle3Metrics, eval_set: EvalSet) -> dict:
-    """``acceptance_rates``, ``simulated_acceptance_length`` and ``metrics`` of an EvalResult.
+def eval_result_fields(metrics: StrategyMetrics, eval_set: EvalSet) -> dict:
+    """``acceptance_rates``, ``simulated_acceptance_length`` and ``metrics`` of an EvalResult,
+    the same columns for every algorithm (``acc_{k}`` per drafted position).
 
     No supervised position at all (an empty eval split, or samples without loss tokens) gives
     empty rates and no acceptance length: zeros would claim a measurement that was not made.
     """
-    supervised = float(metrics.denom[0]) if metrics.denom.numel() else 0.0
+    supervised = metrics.supervised_positions()
     base = {
         "eval/samples": float(len(eval_set.samples)),
         "eval/samples_skipped": float(eval_set.skipped),
@@ -189,10 +201,12 @@ def eval_result_fields(metrics: Eagle3Metrics, eval_set: EvalSet) -> dict:
             "simulated_acceptance_length": None,
             "metrics": base | {"eval/no_data": 1.0},
         }
-    summary = {f"eval/{k}": float(v) for k, v in metrics.summary().items()}
+    ratios = metrics.summary()
+    positions = sum(1 for k in ratios if k.startswith("acc_") and k[4:].isdigit())
+    summary = {f"eval/{k}": float(v) for k, v in ratios.items()}
     return {
-        "acceptance_rates": metrics.accuracies(),
-        "simulated_acceptance_length": metrics.simulated_acceptance_length(),
+        "acceptance_rates": [ratios[f"acc_{k}"] for k in range(positions)],
+        "simulated_acceptance_length": ratios["simulated_acc_len"],
         "metrics": summary | base,
     }
 
@@ -379,22 +393,30 @@ class Evaluator:
                                  machine=Machine.current(self.device))  # fmt: skip
         write_atomic(directory / CARD_NAME, text)
 
-    def _check_fits(self, config: Eagle3Config, directory: Path) -> None:
-        """Refuse a draft built for another target before running it on this one's features."""
+    def _check_fits(self, draft: DraftModel, directory: Path) -> None:
+        """Refuse a draft built for another target or algorithm before running it on this
+        run's features."""
         assert self.eval_set is not None and self.target_head is not None
+        config = draft.config
+        block = isinstance(draft, DFlashDraft)
+        if block != (self.spec.capture_method == "dflash"):
+            raise Rejected(
+                f"checkpoint {directory} is a {type(draft).__name__} but run {self.run_id!r} "
+                f"trains {self.spec.draft.strategy!r}"
+            )
         if config.vocab_size != self.target_head.shape[0]:
             raise Rejected(
                 f"checkpoint {directory} has a target vocabulary of "
                 f"{config.vocab_size} but the target's lm_head has "
                 f"{self.target_head.shape[0]} rows"
             )
+        width = config.target_width if block else 3 * config.aux_hidden_size
         if self.eval_set.samples:
             aux_dim = self.eval_set.samples[0]["aux_hidden_states"].shape[-1]
-            if 3 * config.aux_hidden_size != aux_dim:
+            if width != aux_dim:
                 raise Rejected(
-                    f"checkpoint {directory} expects aux features of width "
-                    f"{3 * config.aux_hidden_size} but the captured ones have "
-                    f"{aux_dim}"
+                    f"checkpoint {directory} expects captured features of width {width} but "
+                    f"the run's have {aux_dim}"
                 )
 
     async def _final_already_settled(self) -> bool:
@@ -438,21 +460,25 @@ class Evaluator:
             )
         try:
             draft = await asyncio.to_thread(
-                load_draft, directory, embedding=self.embedding, device=self.device
+                load_any_draft, directory, embedding=self.embedding, device=self.device
             )
         except (CheckpointError, ValueError) as exc:
             raise Rejected(f"cannot load checkpoint {directory}: {exc}") from exc
-        self._check_fits(draft.config, directory)
+        self._check_fits(draft, directory)
+        if self.device.type == "cpu":
+            draft = draft.float()  # low-precision matmuls are far slower than fp32 on CPUs
         loaded = time.perf_counter()
+        assert self.embedding is not None
+        strategy = STRATEGIES.get(self.spec.draft.strategy).from_spec(
+            self.spec, draft, target_head=self.target_head,
+            target_embedding=self.embedding.to(self.device, self.target_head.dtype),
+            total_steps=_total_steps(directory),
+        )  # fmt: skip
+        seeds = [sample_seed(self.spec.seed, p, 0) for p in self.eval_set.prompt_ids]
         metrics = await asyncio.to_thread(
-            evaluate_draft,
-            draft,
-            self.target_head,
-            self.eval_set.samples,
-            ttt_length=self.spec.train.ttt_length,
-            batch_size=self.spec.eval.batch_size,
-            attention=self.spec.train.attention,
-        )
+            evaluate_strategy, strategy, draft, self.eval_set.samples,
+            batch_size=self.spec.eval.batch_size, seeds=seeds,
+        )  # fmt: skip
         offline = time.perf_counter()
         wall = {"load": loaded - started, "offline": offline - loaded}
         fields = eval_result_fields(metrics, self.eval_set)
@@ -484,3 +510,13 @@ class Evaluator:
             wall_s=round(done - started, 3),
         )
         return result
+
+
+def _total_steps(directory: Path) -> int:
+    """The run's optimizer steps, from the checkpoint's trainer state (loss schedules need a
+    horizon; offline metrics do not depend on it)."""
+    try:
+        state = json.loads((directory / "trainer_state.json").read_text())
+        return max(1, int(state.get("total_steps") or 1))
+    except (OSError, ValueError, TypeError):
+        return 1

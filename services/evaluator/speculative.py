@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from specforge_common.log import get_logger
+from specforge_common.models.dflash import DFlashDraft
 from specforge_common.models.eagle3 import Eagle3Draft
 from specforge_common.targets.hf import HFTargetEngine
 
@@ -85,7 +86,7 @@ class LosslessnessError(AssertionError):
 
 def evaluate_speculative(
     engine: HFTargetEngine,
-    draft: Eagle3Draft,
+    draft: Eagle3Draft | DFlashDraft,
     prompts: Sequence[Sequence[int] | Tensor],
     *,
     num_draft_tokens: int,
@@ -176,7 +177,7 @@ def first_difference(expected: Sequence[int], got: Sequence[int]) -> int | None:
 @torch.inference_mode()
 def speculative_generate(
     engine: HFTargetEngine,
-    draft: Eagle3Draft,
+    draft: Eagle3Draft | DFlashDraft,
     prompt: Sequence[int] | Tensor,
     *,
     num_draft_tokens: int,
@@ -185,7 +186,16 @@ def speculative_generate(
     seed: int | None = None,
     stop_token_ids: Sequence[int] | None = None,
 ) -> SpeculativeResult:
-    """Decode ``prompt`` with ``draft`` proposing ``num_draft_tokens`` per verification step."""
+    """Decode ``prompt`` with ``draft`` proposing ``num_draft_tokens`` per verification step (a
+    block drafter: ``block_speculative.block_speculative_generate``)."""
+    if isinstance(draft, DFlashDraft):
+        from .block_speculative import block_speculative_generate  # it imports this module
+
+        return block_speculative_generate(
+            engine, draft, prompt, num_draft_tokens=num_draft_tokens,
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+            stop_token_ids=stop_token_ids,
+        )  # fmt: skip
     _check_args(max_new_tokens, temperature)
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")

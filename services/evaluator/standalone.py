@@ -41,7 +41,8 @@ def is_standalone(args: argparse.Namespace) -> bool:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from specforge_common.eagle3 import CheckpointError, load_draft
+    from specforge_common.drafts import captured_layers, load_any_draft
+    from specforge_common.eagle3 import CheckpointError
     from specforge_common.log import get_logger
     from specforge_common.targets import HFTargetEngine, default_dtype, load_embedding
 
@@ -55,9 +56,14 @@ def main(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
     try:
+        draft = load_any_draft(args.draft, embedding=load_embedding(args.target), device=device)
+        if device == "cpu":
+            draft = draft.float()
+        method, layers = captured_layers(draft)
         engine = HFTargetEngine.from_pretrained(args.target, device=device,
-                                                dtype=default_dtype(device))  # fmt: skip
-        draft = load_draft(args.draft, embedding=load_embedding(args.target), device=device)
+                                                dtype=default_dtype(device),
+                                                aux_layer_ids=layers,
+                                                capture_method=method)  # fmt: skip
         prompts = prompts_from_source(args.prompts, engine.tokenizer, args.limit,
                                       max_length=args.max_length)  # fmt: skip
     except (OSError, ValueError, CheckpointError) as exc:

@@ -18,8 +18,9 @@ __all__ = ["TargetSession"]
 
 
 class TargetSession:
-    """An HF CausalLM decoding one sequence with a ``DynamicCache``; optionally captures the aux
-    layer outputs (hooks, as ``HFTargetEngine.capture`` does: id N-1 = post-norm final state)."""
+    """An HF CausalLM decoding one sequence with a ``DynamicCache``; optionally captures the
+    engine's layers (EAGLE-3's aux layers, DFlash's target layers) with hooks, as
+    ``HFTargetEngine.capture`` does (id N-1 = post-norm final state)."""
 
     def __init__(self, engine: HFTargetEngine, *, with_aux: bool) -> None:
         from transformers import DynamicCache
@@ -28,7 +29,7 @@ class TargetSession:
         self.model = engine.model
         self.cache = DynamicCache(config=self.model.config)
         self.with_aux = with_aux
-        self._aux: list[Tensor | None] = [None, None, None]
+        self._aux: list[Tensor | None] = [None] * len(engine.aux_layer_ids)
         self._handles: list[Any] = []
 
     def __enter__(self) -> TargetSession:
@@ -58,7 +59,8 @@ class TargetSession:
         return self.cache.get_seq_length()
 
     def forward(self, ids: Tensor, *, logits_to_keep: int = 0) -> tuple[Tensor, Tensor | None]:
-        """Append ``ids`` ``[n]``: fp32 logits ``[n or logits_to_keep, V]`` and aux ``[n, 3H]``."""
+        """Append ``ids`` ``[n]``: fp32 logits ``[n or logits_to_keep, V]`` and the captured
+        layers ``[n, len(aux_layer_ids) H]``."""
         out = self.model(
             input_ids=ids.to(self.engine.device)[None],
             cache=self.cache,
@@ -68,7 +70,7 @@ class TargetSession:
         aux = None
         if self.with_aux:
             aux = torch.cat([a[0] for a in self._aux if a is not None], dim=-1)
-            self._aux = [None, None, None]
+            self._aux = [None] * len(self._aux)
         return out.logits[0].float(), aux
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -26,14 +26,21 @@ import torch
 
 from specforge_common.bus import Bus, BusError
 from specforge_common.contracts import EnqueueSummary, RunSpec
-from specforge_common.eagle3 import VocabMap, apply_vocab_map, load_draft
+from specforge_common.eagle3 import VocabMap, load_draft
 from specforge_common.eagle3.layout import CONFIG_NAME
 from specforge_common.eagle3.vocab import from_stored
 from specforge_common.featurestore import FeatureStore, open_store
-from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
-from specforge_common.registry import DRAFT_ARCHITECTURES, STRATEGIES
+from specforge_common.models import DraftModel
+from specforge_common.registry import DRAFT_ARCHITECTURES
+from specforge_common.strategies import STRATEGIES
+from specforge_common.strategy import Strategy
 from specforge_common.subjects import enqueue_key
-from specforge_common.targets import load_embedding, load_lm_head, resolve_aux_layer_ids
+from specforge_common.targets import (
+    AuxLayerIds,
+    layer_ids_for_run,
+    load_embedding,
+    load_lm_head,
+)
 
 from .checkpoints import CheckpointManager, checkpoints_root
 from .distributed import DistEnv, DraftModule, init_process_group, shard_draft
@@ -70,13 +77,17 @@ class TrainerParts:
     summary: EnqueueSummary
     store: FeatureStore
     target_hidden: int
+    method: str  # the capture method of the samples trained on
+    layer_ids: AuxLayerIds  # the target layers those samples hold, in order
     vocab_map: VocabMap
-    draft: Eagle3Draft  # fp32, on the device; sharded in place under FSDP
+    draft: DraftModel  # fp32, on the device; sharded in place under FSDP
     head: torch.Tensor  # the target's frozen lm_head
+    strategy: Strategy
+    weighted_loss: bool  # the strategy's losses are weighted sums (``specforge_common.strategy``)
     compute: torch.nn.Module  # the strategy's forward as a module, wrapped for DDP / FSDP
     ddp: torch.nn.parallel.DistributedDataParallel | None
     fsdp: bool  # the draft's parameters are sharded over the ranks
-    export_draft: Eagle3Draft | None  # FSDP, rank 0: the unsharded copy checkpoints export
+    export_draft: DraftModel | None  # FSDP, rank 0: the unsharded copy checkpoints export
     params: list[torch.nn.Parameter]  # the trainable ones
     optimizer: torch.optim.Optimizer
     total_steps: int
@@ -130,11 +141,16 @@ def target_config(target_dir: str | Path) -> dict[str, Any]:
         raise TrainerError(f"target {target_dir} has no {CONFIG_NAME}") from None
 
 
-def build_draft(spec: RunSpec, vocab_map: VocabMap, embedding: torch.Tensor) -> Eagle3Draft:
+def build_draft(spec: RunSpec, vocab_map: VocabMap, embedding: torch.Tensor) -> DraftModel:
     """The fp32 draft a run starts from: seeded fresh init, or ``spec.draft.init_from``."""
     config_dict = target_config(spec.target.path)
     text = config_dict.get("text_config", config_dict)
-    aux = resolve_aux_layer_ids(spec.draft.aux_layer_ids, None, int(text["num_hidden_layers"]))
+    aux = layer_ids_for_run(spec, int(text["num_hidden_layers"]))
+    architecture = spec.draft_architecture
+    if spec.draft.init_from and architecture != "llama_eagle3":
+        raise TrainerError(
+            f"draft.init_from warm-starts EAGLE-3 drafts only; this run trains {architecture!r}"
+        )
     if spec.draft.init_from:
         draft = load_draft(spec.draft.init_from, embedding=embedding, vocab_map=vocab_map,
                            dtype=torch.float32)  # fmt: skip
@@ -149,26 +165,27 @@ def build_draft(spec: RunSpec, vocab_map: VocabMap, embedding: torch.Tensor) -> 
                 f"warm-start draft takes target hidden size {config.aux_hidden_size}, the target "
                 f"has {text['hidden_size']}"
             )
+        draft.embed_tokens.weight.requires_grad_(False)
     else:
-        cls = DRAFT_ARCHITECTURES.get(spec.draft.architecture)
-        config_cls = getattr(cls, "config_class", Eagle3Config)
-        config = config_cls.from_target(config_dict, draft_vocab_size=spec.draft.draft_vocab_size,
-                                        aux_layer_ids=aux, **spec.draft.config)  # fmt: skip
+        cls = DRAFT_ARCHITECTURES.get(architecture)
+        config = cls.config_class.from_target(
+            config_dict, draft_vocab_size=spec.draft.draft_vocab_size, aux_layer_ids=aux,
+            **spec.draft.config,
+        )  # fmt: skip
         with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG left alone
             torch.manual_seed(spec.seed)
             draft = cls(config)
-        with torch.no_grad():
-            draft.embed_tokens.weight.copy_(embedding)
-        apply_vocab_map(draft, vocab_map)
-    draft.embed_tokens.weight.requires_grad_(False)
+        draft.attach_target(embedding, vocab_map)
     return draft.float()
 
 
 def check_data_run(spec: RunSpec, data_spec: RunSpec) -> None:
-    """A replayed run must read features its draft can take: same target and aux layers (its
-    draft vocabulary may differ: ``load_vocab_map`` builds it from the data run's counts)."""
+    """A replayed run must read features its draft can take: same target, capture method and
+    layers (its draft vocabulary may differ: ``load_vocab_map`` builds it from the data run's
+    counts)."""
     pairs = {
         "target.path": (spec.target.path, data_spec.target.path),
+        "capture method": (spec.capture_method, data_spec.capture_method),
         "draft.aux_layer_ids": (spec.draft.aux_layer_ids, data_spec.draft.aux_layer_ids),
     }
     for name, (mine, theirs) in pairs.items():
@@ -239,7 +256,7 @@ async def build_parts(
 
     loop = asyncio.get_running_loop()
     vocab_map = await loop.run_in_executor(
-        None, load_vocab_map, store, summary, vocab_size, spec.draft.draft_vocab_size
+        None, load_vocab_map, store, summary, vocab_size, spec.draft_vocab_size(vocab_size)
     )
     embedding = await loop.run_in_executor(None, load_embedding, spec.target.path)
     head = await loop.run_in_executor(None, load_lm_head, spec.target.path)
@@ -248,13 +265,24 @@ async def build_parts(
         head = head.float()  # low-precision matmuls are far slower than fp32 on CPUs
     draft = draft.to(device)
     head = head.to(device)
-    strategy = STRATEGIES.get(spec.draft.strategy)(
-        draft, head, ttt_length=spec.train.ttt_length, attention=spec.train.attention
-    )
     train = spec.train
+    shard = math.ceil(summary.train / env.world_size)  # the largest rank's share
+    total_steps = total_optimizer_steps(train, shard)
+    strategy_cls = STRATEGIES.get(spec.draft.strategy)
+    if strategy_cls.capture_method != data_spec.capture_method:
+        raise TrainerError(
+            f"strategy {spec.draft.strategy!r} trains on {strategy_cls.capture_method!r} "
+            f"features but run {data_run!r} captured {data_spec.capture_method!r} features"
+        )
+    try:
+        strategy = strategy_cls.from_spec(spec, draft, target_head=head,
+                                          target_embedding=embedding.to(device),
+                                          total_steps=total_steps)  # fmt: skip
+    except ValueError as exc:
+        raise TrainerError(f"strategy {spec.draft.strategy!r}: {exc}") from None
     compute: torch.nn.Module = DraftModule(draft, strategy)
     ddp: torch.nn.parallel.DistributedDataParallel | None = None
-    export_draft: Eagle3Draft | None = None
+    export_draft: DraftModel | None = None
     fsdp = False
     if env.world_size > 1:
         await loop.run_in_executor(None, init_process_group, env, device)
@@ -270,12 +298,14 @@ async def build_parts(
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=train.weight_decay)  # fmt: skip
-    shard = math.ceil(summary.train / env.world_size)  # the largest rank's share
-    total_steps = total_optimizer_steps(train, shard)
     parts = TrainerParts(
         spec=spec, spec_hash=spec.spec_hash(), data_run=data_run, data_spec_hash=data_spec_hash,
-        summary=summary, store=store, target_hidden=target_hidden, vocab_map=vocab_map,
-        draft=draft, head=head, compute=compute, ddp=ddp, fsdp=fsdp, export_draft=export_draft,
+        summary=summary, store=store, target_hidden=target_hidden,
+        method=data_spec.capture_method,
+        layer_ids=layer_ids_for_run(data_spec, int(text["num_hidden_layers"])),
+        vocab_map=vocab_map, draft=draft, head=head, strategy=strategy,
+        weighted_loss=strategy.weighted_loss, compute=compute, ddp=ddp, fsdp=fsdp,
+        export_draft=export_draft,
         params=params, optimizer=optimizer, total_steps=total_steps,
         schedule=LRSchedule.from_train_spec(train, total_steps),
         checkpoints=CheckpointManager(checkpoints_root(spec.output_dir, run_id),

@@ -42,8 +42,8 @@ from specforge_common.bus import Bus
 from specforge_common.contracts import CheckpointEvent, EvalResult, FeatureLocation
 from specforge_common.durable import sha256_file
 from specforge_common.eagle3.layout import WEIGHTS_NAME
-from specforge_common.eagle3.model_card import ModelCardFacts
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
+from specforge_common.model_card import ModelCardFacts
 from specforge_common.subjects import RunSubjects
 
 from .build import Parallel, TrainerError, TrainerParts
@@ -329,6 +329,4 @@ class Checkpointer:
 
     def _export_state_keys(self) -> list[str]:
         """The exported weight names, from the draft's (sharded) parameters and buffers."""
-        draft = self.parts.draft
-        frozen = tuple(draft.frozen_prefixes)
-        return [k for k in draft.state_dict() if not k.startswith(frozen)]
+        return list(self.parts.draft.trainable_state_dict())

@@ -1,7 +1,7 @@
 """Checkpoint directories of a run: ``<output_dir>/<run>/checkpoints/step-XXXXXXXX/``.
 
 Each step dir is an SGLang-layout draft (``config.json`` + ``model.safetensors``, written by
-``save_draft``) with its model card ``README.md`` (``specforge_common.eagle3.model_card``: what
+``save_draft``) with its model card ``README.md`` (``specforge_common.model_card``: what
 the draft is, its training data, "not evaluated yet" until the evaluator rewrites it, the SGLang
 command) plus ``trainer_state.json`` (step, samples consumed, stream position, vocab-map
 and run-spec hashes, world size, strategy, the latest train metrics) and ``training_state.pt``
@@ -38,11 +38,10 @@ import torch
 from specforge_common import faults
 from specforge_common.contracts import EvalResult
 from specforge_common.durable import fsync_dir, fsync_file, sha256_file, temp_sibling, write_atomic
-from specforge_common.eagle3 import save_draft
 from specforge_common.eagle3.layout import CONFIG_NAME, WEIGHTS_NAME
-from specforge_common.eagle3.model_card import CARD_NAME, ModelCardFacts, render_model_card
 from specforge_common.log import get_logger
-from specforge_common.models.eagle3 import Eagle3Draft
+from specforge_common.model_card import CARD_NAME, ModelCardFacts, render_model_card
+from specforge_common.models import DraftModel
 
 __all__ = [
     "BEST_META_NAME",
@@ -231,7 +230,7 @@ class CheckpointManager:
 
     def save(
         self,
-        draft: Eagle3Draft,
+        draft: DraftModel,
         step: int,
         state: dict[str, Any],
         *,
@@ -252,7 +251,7 @@ class CheckpointManager:
         staging = temp_sibling(target, "staging")
         old: Path | None = None
         try:
-            save_draft(draft, staging)
+            draft.save(staging)
             full_state = {"format": STATE_FORMAT, "step": step, "final": final, **state}
             (staging / STATE_NAME).write_text(json.dumps(full_state, indent=2, sort_keys=True))
             fsync_file(staging / STATE_NAME)

@@ -49,7 +49,14 @@ from typing import Any
 import torch
 
 from specforge_common.aio import cancel_and_wait
-from specforge_common.batch import FEATURE_KEYS, SampleError, TrainBatch, check_sample, collate
+from specforge_common.batch import (
+    FEATURE_KEYS,
+    SampleError,
+    TrainBatch,
+    check_sample,
+    collate,
+    sample_seed,
+)
 from specforge_common.bus import Bus
 from specforge_common.contracts import EndOfSplit, SampleRef, Split, encode
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
@@ -140,6 +147,7 @@ class SampleStream:
         fetch_threads: int = 2,
         aux_size: int | None = None,
         hidden_size: int | None = None,
+        method: str = "eagle3",
         service: str = "trainer",
         rank: int = 0,
         world_size: int = 1,
@@ -162,6 +170,7 @@ class SampleStream:
         self.first_epoch = first_epoch
         self.prefetch = max(1, prefetch)
         self.aux_size, self.hidden_size, self.service = aux_size, hidden_size, service
+        self.method = method
         self.subjects = RunSubjects(run_id)
         self.stats = StreamStats()
         self.log = get_logger(service=service, run=run_id, component="sample-stream")
@@ -265,6 +274,9 @@ class SampleStream:
 
     def _fetch(self, ref: SampleRef) -> dict[str, torch.Tensor]:
         """Runs in a worker thread: read and validate one sample's tensors."""
+        if ref.method != self.method:
+            raise SampleError(f"sample {ref.sample_id} holds {ref.method!r} features but this "
+                              f"trainer trains on {self.method!r} features")  # fmt: skip
         for attempt in range(FETCH_RETRIES + 1):
             try:
                 tensors = self.store.get(ref.features)
@@ -275,7 +287,8 @@ class SampleStream:
                 if attempt == FETCH_RETRIES:
                     raise
                 time.sleep(FETCH_RETRY_DELAY_S * (attempt + 1))
-        check_sample(tensors, aux_size=self.aux_size, hidden_size=self.hidden_size)
+        check_sample(tensors, aux_size=self.aux_size, hidden_size=self.hidden_size,
+                     method=self.method)  # fmt: skip
         return tensors
 
     async def _load(self, ref: SampleRef) -> tuple[SampleRef, dict[str, torch.Tensor]]:
@@ -407,6 +420,7 @@ class StreamBatch:
 
     samples: list[StreamSample]
     last: bool = False
+    seed: int = 0  # the run's: with prompt id and epoch, each sample's ``TrainBatch.seeds``
     _batch: TrainBatch | None = field(default=None, repr=False)
 
     @property
@@ -427,17 +441,18 @@ class StreamBatch:
 
     def collate(self) -> TrainBatch:
         if self._batch is None:
-            self._batch = collate([s.tensors for s in self.samples])
+            seeds = [sample_seed(self.seed, s.ref.prompt_id, s.epoch) for s in self.samples]
+            self._batch = collate([s.tensors for s in self.samples], seeds=seeds)
         return self._batch
 
 
 class BatchReader:
     """Batches of ``batch_size`` from a ``SampleStream``, one sample of look-ahead."""
 
-    def __init__(self, stream: SampleStream, batch_size: int) -> None:
+    def __init__(self, stream: SampleStream, batch_size: int, seed: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.stream, self.batch_size = stream, batch_size
+        self.stream, self.batch_size, self.seed = stream, batch_size, seed
         self._peeked: StreamSample | None = None
 
     async def next(self) -> StreamBatch | None:
@@ -449,8 +464,8 @@ class BatchReader:
         while True:
             following = await self.stream.next()
             if following is None:
-                return StreamBatch(samples, last=True)
+                return StreamBatch(samples, last=True, seed=self.seed)
             if following.epoch != first.epoch or len(samples) == self.batch_size:
                 self._peeked = following
-                return StreamBatch(samples)
+                return StreamBatch(samples, seed=self.seed)
             samples.append(following)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from specforge_common.eagle3 import Eagle3Metrics
+from specforge_common.strategy import StrategyMetrics
 
 __all__ = [
     "DistEnv",
@@ -95,7 +95,7 @@ def all_reduce_flags(flags: list[int]) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
-def all_reduce_metrics(metrics: Eagle3Metrics) -> Eagle3Metrics:
+def all_reduce_metrics(metrics: StrategyMetrics) -> StrategyMetrics:
     """The metric sums added over the ranks (SUM) — ratios are taken after this."""
     if not is_distributed():
         return metrics
@@ -107,7 +107,7 @@ def all_reduce_metrics(metrics: Eagle3Metrics) -> Eagle3Metrics:
     for p in parts:
         out.append(flat[offset : offset + p.numel()].reshape(p.shape).to(p.dtype))
         offset += p.numel()
-    return Eagle3Metrics(*out, step_weight_decay=metrics.step_weight_decay)
+    return metrics.from_tensors(out)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -127,9 +127,9 @@ class DraftModule(torch.nn.Module):
         self.draft = draft
         self._strategy = [strategy]  # not a submodule: the head is no parameter of ours
 
-    def forward(self, batch: Any) -> tuple[torch.Tensor, Eagle3Metrics]:
+    def forward(self, batch: Any) -> tuple[torch.Tensor, StrategyMetrics, torch.Tensor | None]:
         out = self._strategy[0](batch)
-        return out.loss, out.metrics
+        return out.loss, out.metrics, out.loss_weight
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

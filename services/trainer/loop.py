@@ -8,7 +8,9 @@ meanwhile. Logs, step logs and progress records are ``telemetry.py``'s; the coun
 checkpoint stores are ``position.py``'s. See docs/architecture.md for the services around it.
 
 Per optimizer step: ``accumulation_steps`` micro-batches, each loss divided by it (a trailing
-partial window is rescaled to a full one), global grad-norm clipping at ``max_grad_norm`` (the
+partial window is rescaled to a full one) — or, for a strategy whose output carries a
+``loss_weight`` (a weighted sum, ``specforge_common.strategy``), the summed gradients divided by the
+weight of the whole window over all ranks — then global grad-norm clipping at ``max_grad_norm`` (the
 pre-clip norm is logged; a non-finite norm skips the update), AdamW, and the LR of
 ``schedule.lr_at``. A fresh start seeds torch's global RNG with ``spec.seed + rank``.
 ``request_stop()`` (SIGTERM) writes a checkpoint at the current step and returns.
@@ -38,17 +40,17 @@ import torch
 
 from specforge_common import faults
 from specforge_common.aio import cancel_and_wait
-from specforge_common.batch import TrainBatch
+from specforge_common.batch import TrainBatch, feature_keys
 from specforge_common.bus import Bus
 from specforge_common.contracts import RunSpec
-from specforge_common.eagle3 import Eagle3Metrics
 from specforge_common.log import get_logger
+from specforge_common.strategy import StrategyMetrics
 
 from .build import Parallel, TrainerError, TrainerParts, build_parts, resolve_device
 from .checkpointing import Checkpointer
 from .checkpoints import SavedCheckpoint
 from .data import BatchReader, SampleStream, StreamBatch, collate
-from .distributed import DistEnv, all_reduce_flags
+from .distributed import DistEnv, all_reduce_flags, all_reduce_sum
 from .position import TrainingPosition
 from .telemetry import Telemetry, TrainResult
 
@@ -124,7 +126,9 @@ class Trainer:
         await self.setup()
         self.position = TrainingPosition()
         self.telemetry = Telemetry(self.bus, self.spec, self.parts.spec_hash, self.rank,
-                                   self.world_size, self.log)  # fmt: skip
+                                   self.world_size, self.log,
+                                   self.parts.strategy.empty_metrics())  # fmt: skip
+        self._window_weight: torch.Tensor | None = None  # weighted losses: this window's sum
         self.checkpointer = Checkpointer(self.bus, self.parts, self.telemetry, rank=self.rank,
                                          world_size=self.world_size, parallel=self.parallel,
                                          log=self.log)  # fmt: skip
@@ -154,12 +158,12 @@ class Trainer:
             self.bus, parts.store, parts.data_run, spec_hash=parts.data_spec_hash,
             epochs=train.epochs, start_seq=position.last_sequence + 1, first_epoch=position.epoch,
             prefetch=self.prefetch or max(4, 2 * train.batch_size),
-            fetch_threads=self.fetch_threads, aux_size=3 * parts.target_hidden,
-            hidden_size=parts.target_hidden, service=SERVICE, rank=self.rank,
+            fetch_threads=self.fetch_threads, aux_size=len(parts.layer_ids) * parts.target_hidden,
+            hidden_size=parts.target_hidden, method=parts.method, service=SERVICE, rank=self.rank,
             world_size=self.world_size, shuffle_window=train.shuffle_window,
             shuffle_seed=self.spec.seed, start_index=position.start_index(train.shuffle_window),
         )  # fmt: skip
-        reader = BatchReader(stream, train.batch_size)
+        reader = BatchReader(stream, train.batch_size, seed=self.spec.seed)
         capped = train.total_steps is not None
         final: SavedCheckpoint | None = None
         started, total_compute, tokens_total = time.perf_counter(), 0.0, 0
@@ -180,6 +184,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 # Every rank agrees on the boundary: the window is full, or no rank has more.
                 stepped = micro + 1 == train.accumulation_steps or not any_more
+                parts.strategy.set_step(position.global_step)
                 metrics = await asyncio.to_thread(self._forward_backward, batch, stepped)
                 micro += 1
                 window.add(metrics, batch)
@@ -264,14 +269,16 @@ class Trainer:
 
     def _dummy_batch(self) -> TrainBatch:
         """A tiny finite batch for the zero-loss step of a rank whose shard ran out."""
-        T, H = 4, self.parts.target_hidden
-        return collate([{
+        T, H, parts = 4, self.parts.target_hidden, self.parts
+        sample = {
             "input_ids": torch.zeros(T, dtype=torch.int64),
             "loss_mask": torch.ones(T, dtype=torch.int64),
-            "aux_hidden_states": torch.zeros(T, 3 * H), "hidden_states": torch.zeros(T, H),
-        }])  # fmt: skip
+            "aux_hidden_states": torch.zeros(T, len(parts.layer_ids) * H),
+            "hidden_states": torch.zeros(T, H),
+        }
+        return collate([{k: sample[k] for k in feature_keys(parts.method)}], seeds=[0])
 
-    def _forward_backward(self, batch: StreamBatch | None, sync: bool = True) -> Eagle3Metrics:
+    def _forward_backward(self, batch: StreamBatch | None, sync: bool = True) -> StrategyMetrics:
         """One micro-step; ``batch=None``: a zero-loss step (zero gradients, same collectives).
         ``sync=False`` (not an optimizer-step boundary): no gradient all-reduce."""
         parts, train = self.parts, self.spec.train
@@ -282,19 +289,39 @@ class Trainer:
             parts.compute.set_requires_gradient_sync(sync)
         with no_sync:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                loss, metrics = parts.compute(train_batch)
+                loss, metrics, weight = parts.compute(train_batch)
             if batch is None:
                 (loss * 0.0).backward()
+            elif weight is not None:  # a weighted sum: normalised by the window at the step
+                loss.backward()
+                weight = weight.detach().double()
+                self._window_weight = (
+                    weight if self._window_weight is None else (self._window_weight + weight)
+                )
             else:
                 (loss / train.accumulation_steps).backward()
         if batch is None:
-            return Eagle3Metrics.zeros(train.ttt_length, metrics.step_weight_decay)
+            return metrics.zero()
         return metrics
 
     def _optimizer_step(self, micro_batches: int, step: int) -> tuple[float, float]:
         """Rescale a partial window, clip, step AdamW at the schedule's LR: (grad norm, LR)."""
         parts, train = self.parts, self.spec.train
-        if micro_batches != train.accumulation_steps:  # a trailing partial window: its average
+        if self._window_weight is not None or parts.weighted_loss:
+            # sum(w * l) / sum(w) over the window and the ranks; DDP/FSDP averaged the ranks'
+            # gradient sums, hence the world size
+            weight = (
+                self._window_weight
+                if self._window_weight is not None
+                else torch.zeros((), dtype=torch.float64)
+            )
+            total = all_reduce_sum([float(weight)])[0]
+            scale = self.world_size / total if total > 0 else 0.0
+            for p in parts.params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            self._window_weight = None
+        elif micro_batches != train.accumulation_steps:  # a trailing partial window: its average
             for p in parts.params:
                 if p.grad is not None:
                     p.grad.mul_(train.accumulation_steps / micro_batches)

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from specforge_common.bus import Bus
 from specforge_common.contracts import RunSpec, TrainerProgress
-from specforge_common.eagle3 import Eagle3Metrics
 from specforge_common.step_log import StepLog, train_metrics_path, trained_samples_path
+from specforge_common.strategy import StrategyMetrics
 from specforge_common.subjects import progress_key
 
 from .checkpoints import SavedCheckpoint
@@ -65,7 +65,7 @@ class TrainResult:
 class LogWindow:
     """What accumulates between two log lines."""
 
-    metrics: Eagle3Metrics
+    metrics: StrategyMetrics
     wait_mark: float  # the stream's wait time when the window opened
     micro_steps: int = 0  # the same on every rank (zero-loss steps count)
     samples: int = 0
@@ -73,7 +73,7 @@ class LogWindow:
     compute_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, metrics: Eagle3Metrics, batch: StreamBatch | None) -> None:
+    def add(self, metrics: StrategyMetrics, batch: StreamBatch | None) -> None:
         self.micro_steps += 1
         self.metrics = self.metrics + metrics
         if batch is not None:
@@ -85,8 +85,9 @@ class Telemetry:
     """One rank's log lines, step logs, progress records and result for one ``Trainer.run``."""
 
     def __init__(self, bus: Bus, spec: RunSpec, spec_hash: str, rank: int, world_size: int,
-                 log: FilteringBoundLogger) -> None:  # fmt: skip
+                 log: FilteringBoundLogger, empty_metrics: StrategyMetrics) -> None:  # fmt: skip
         self.bus, self.spec, self.spec_hash, self.log = bus, spec, spec_hash, log
+        self.empty_metrics = empty_metrics
         self.run_id, self.rank, self.world_size = spec.run_id, rank, world_size
         self.history: list[dict[str, float]] = []  # every logged entry
         self.latest_metrics: dict[str, float] = {}  # the last one (a resume: the checkpoint's)
@@ -94,7 +95,7 @@ class Telemetry:
         self._metrics_log: StepLog | None = None
 
     def new_window(self, wait_s: float) -> LogWindow:
-        return LogWindow(Eagle3Metrics.zeros(self.spec.train.ttt_length), wait_mark=wait_s)
+        return LogWindow(self.empty_metrics.zero(), wait_mark=wait_s)
 
     def open_step_logs(self, keep_through: int | None) -> None:
         """Start the logs afresh, or (resume) keep only the entries of steps <= keep_through."""

@@ -3,8 +3,10 @@ from specforge_common.contracts import EvalResult
 
 
 def result(**metrics: float) -> EvalResult:
-    return EvalResult(run_id="r", step=10, checkpoint_sha256="0" * 64, acceptance_rates=[0.5],
-                      serving_acceptance_length=1.75, metrics=metrics, run_spec_hash="h")  # fmt: skip
+    return EvalResult(
+        run_id="r", step=10, checkpoint_sha256="0" * 64, acceptance_rates=[0.5],
+        serving_acceptance_length=1.75, metrics=metrics, run_spec_hash="h",
+    )  # fmt: skip
 
 
 def test_a_faster_draft_pays_for_itself() -> None:

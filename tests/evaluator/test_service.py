@@ -13,14 +13,14 @@ import torch
 from specforge_common.contracts import DeadLetter, EvalResult, EvalSpec
 from specforge_common.durable import sha256_file
 from specforge_common.eagle3 import load_draft
-from specforge_common.eagle3.model_card import (
+from specforge_common.featurestore import open_store
+from specforge_common.model_card import (
     CARD_NAME,
     ModelCardFacts,
     read_card_facts,
     recommend_chain_length,
     render_model_card,
 )
-from specforge_common.featurestore import open_store
 from specforge_common.targets import load_embedding, load_lm_head, make_tiny_target
 from specforge_evaluator import service as service_module
 from specforge_evaluator.offline import evaluate_draft

@@ -12,7 +12,7 @@ import torch
 from specforge_common.contracts import CheckpointEvent, EvalResult, RunSpec, TargetSpec
 from specforge_common.durable import sha256_file, write_atomic
 from specforge_common.eagle3.layout import WEIGHTS_NAME
-from specforge_common.eagle3.model_card import (
+from specforge_common.model_card import (
     CARD_NAME,
     ModelCardFacts,
     read_card_facts,

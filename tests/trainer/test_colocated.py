@@ -19,13 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from specforge_common.bus import Bus, LocalBus
+from specforge_common.contracts import DraftSpec
 from specforge_common.eagle3.layout import WEIGHTS_NAME
 from specforge_common.featurestore import open_store
 from specforge_common.step_log import trained_samples_path
 from specforge_common.targets import make_tiny_target
 from specforge_trainer.loop import Trainer
 from tests.mooncake_support import mooncake_master, mooncake_uri  # noqa: F401 - fixture
-from tests.support import seed_captured_run, tiny_run_spec
+from tests.support import TINY_DFLASH, seed_captured_run, tiny_run_spec
 from tests.trainer import train_spec
 
 STEPS = 3
@@ -53,18 +54,21 @@ async def train_three_steps(bus, spec):
     return result, steps, weights
 
 
-@pytest.mark.parametrize("service_store", ["file", "mooncake"])
+@pytest.mark.parametrize(
+    ("service_store", "algorithm"), [("file", "eagle3"), ("mooncake", "eagle3"), ("file", "dflash")]
+)
 async def test_in_process_and_service_paths_train_the_same_draft(
-    bus: Bus, run_id: str, target: Path, tmp_path: Path, service_store: str,
+    bus: Bus, run_id: str, target: Path, tmp_path: Path, service_store: str, algorithm: str,
     request: pytest.FixtureRequest,
 ) -> None:  # fmt: skip
     train = train_spec(total_steps=STEPS, checkpoint_every=100)
-    service_spec = tiny_run_spec(run_id, target, tmp_path / "service", train=train)
+    draft = {"dflash": TINY_DFLASH}.get(algorithm, DraftSpec(draft_vocab_size=128))
+    service_spec = tiny_run_spec(run_id, target, tmp_path / "service", train=train, draft=draft)
     if service_store == "mooncake":
         uri = mooncake_uri(request.getfixturevalue("mooncake_master"))
         service_spec = msgspec.structs.replace(service_spec, store_uri=uri)
     colocated_spec = tiny_run_spec(
-        run_id, target, tmp_path / "colocated", train=train,
+        run_id, target, tmp_path / "colocated", train=train, draft=draft,
         store_uri=f"mem://colocated-{uuid.uuid4().hex[:8]}",
     )  # fmt: skip
     assert service_spec.store_uri.startswith(f"{service_store}://")

@@ -19,9 +19,10 @@ from specforge_common.contracts import (
     TrainerProgress,
 )
 from specforge_common.durable import sha256_file
-from specforge_common.eagle3 import CARD_NAME, VocabMap, load_draft
+from specforge_common.eagle3 import VocabMap, load_draft
 from specforge_common.eagle3.layout import CONFIG_NAME, WEIGHTS_NAME
 from specforge_common.featurestore import open_store
+from specforge_common.model_card import CARD_NAME
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
 from specforge_common.subjects import RunSubjects, enqueue_key, progress_key
 from specforge_common.targets import load_embedding, make_tiny_target

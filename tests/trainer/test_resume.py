@@ -16,14 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 from specforge_common.bus import Bus
-from specforge_common.contracts import CheckpointEvent, TrainerProgress
+from specforge_common.contracts import CheckpointEvent, DraftSpec, TrainerProgress
 from specforge_common.eagle3.layout import WEIGHTS_NAME
 from specforge_common.step_log import read_step_log, train_metrics_path, trained_samples_path
 from specforge_common.subjects import progress_key
 from specforge_common.targets import make_tiny_target
 from specforge_trainer.checkpoints import LATEST_NAME, STATE_FORMAT, STATE_NAME, CheckpointManager
 from specforge_trainer.loop import Trainer, TrainerError
-from tests.support import seed_captured_run, tiny_run_spec
+from tests.support import TINY_DFLASH, seed_captured_run, tiny_run_spec
 from tests.trainer import stream_records, train_spec
 from tests.trainer.test_command import train_command
 
@@ -69,16 +69,18 @@ async def run_train(run_id: str, nats_url: str) -> tuple[int, str, str]:
     return proc.returncode, stdout.decode(), stderr.decode()
 
 
+@pytest.mark.parametrize("algorithm", ["eagle3", "dflash"])
 async def test_sigkill_mid_run_then_restart_is_bit_identical_to_an_uninterrupted_run(
-    bus: Bus, run_id: str, target: Path, tmp_path: Path, nats_server
+    bus: Bus, run_id: str, target: Path, tmp_path: Path, nats_server, algorithm: str
 ) -> None:
     # 8 samples / batch 2 = 4 steps per epoch, 12 epochs = 48 steps; a checkpoint every 3.
     train = train_spec(epochs=12, checkpoint_every=3, keep_last=100, keep_unevaluated=False)
+    draft = {"dflash": TINY_DFLASH}.get(algorithm, DraftSpec(draft_vocab_size=128))
     ref_id, killed_id = f"{run_id}-ref", run_id
     prompt_of: dict[str, str] = {}
     for rid in (ref_id, killed_id):  # identical samples (same seed) under two run ids
-        refs = await seed_captured_run(bus, tiny_run_spec(rid, target, tmp_path, train=train),
-                                       n_train=8, n_eval=1, seed=7)  # fmt: skip
+        spec = tiny_run_spec(rid, target, tmp_path, train=train, draft=draft)
+        refs = await seed_captured_run(bus, spec, n_train=8, n_eval=1, seed=7)
         prompt_of |= {r.sample_id: r.prompt_id for r in refs["train"]}
 
     rc, out, err = await run_train(ref_id, nats_server.url)

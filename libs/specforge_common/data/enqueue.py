@@ -242,10 +242,10 @@ async def enqueue(
     reader = read_conversations(source, limit)
     report = EnqueueReport(run_id=run, source=reader.name)
     vocab_size = target_vocab_size(spec)
-    if spec.draft.draft_vocab_size > vocab_size:
+    draft_vocab_size = spec.draft_vocab_size(vocab_size)
+    if draft_vocab_size > vocab_size:
         raise EnqueueError(
-            f"draft.draft_vocab_size={spec.draft.draft_vocab_size} exceeds the target vocab "
-            f"size {vocab_size}"
+            f"draft.draft_vocab_size={draft_vocab_size} exceeds the target vocab size {vocab_size}"
         )
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     await bus.ensure_streams(run)
@@ -356,7 +356,7 @@ async def enqueue(
                 f"{len(report.skipped)} skipped); the enqueue summary is not written, so the run "
                 "can still be started by another enqueue"
             )
-        vocab_map = build_vocab_map(counter.counts, vocab_size, spec.draft.draft_vocab_size)
+        vocab_map = build_vocab_map(counter.counts, vocab_size, draft_vocab_size)
         store = open_store(spec.store_uri)
         try:
             tensors = stored_tensors(vocab_map, counter.counts)

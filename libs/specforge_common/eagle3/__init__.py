@@ -4,7 +4,6 @@
 ``layout``: the SGLang layout of a draft on disk (file and tensor names, shapes).
 ``export``: ``save_draft``, the SGLang export users serve with.
 ``load``: ``load_draft``, for our exports and published drafts (warm starts, evaluation).
-``model_card``: the ``README.md`` of an exported draft (facts, measurements, SGLang command).
 ``teacher``: the target's distribution at every position, restricted to the draft vocab.
 ``strategy``: the training-time-test unroll, its loss and metrics (registered as ``eagle3``).
 """
@@ -12,14 +11,6 @@
 from specforge_common.eagle3.export import save_draft
 from specforge_common.eagle3.layout import REQUIRED_KEYS, CheckpointError, expected_shapes
 from specforge_common.eagle3.load import load_draft
-from specforge_common.eagle3.model_card import (
-    CARD_NAME,
-    Machine,
-    ModelCardFacts,
-    read_card_facts,
-    recommend_chain_length,
-    render_model_card,
-)
 from specforge_common.eagle3.strategy import Eagle3Metrics, Eagle3Strategy, StrategyOutput
 from specforge_common.eagle3.teacher import Teacher, prepare_teacher
 from specforge_common.eagle3.vocab import (
@@ -38,13 +29,6 @@ __all__ = [
     "expected_shapes",
     "load_draft",
     "save_draft",
-    # model card
-    "CARD_NAME",
-    "Machine",
-    "ModelCardFacts",
-    "read_card_facts",
-    "recommend_chain_length",
-    "render_model_card",
     # teacher and strategy
     "Eagle3Metrics",
     "Eagle3Strategy",

@@ -6,8 +6,15 @@ tensors against ``expected_shapes`` so a draft that SGLang would misread never g
 
 from __future__ import annotations
 
-import torch
-
+from specforge_common.draft_files import (
+    CONFIG_NAME,
+    SAFETENSORS_INDEX,
+    TORCH_INDEX,
+    TORCH_WEIGHTS,
+    WEIGHTS_NAME,
+    CheckpointError,
+    dtype_name,
+)
 from specforge_common.models.eagle3 import Eagle3Config
 
 __all__ = [
@@ -23,17 +30,8 @@ __all__ = [
     "expected_shapes",
 ]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_WEIGHTS = "pytorch_model.bin"
-TORCH_INDEX = "pytorch_model.bin.index.json"
 REQUIRED_KEYS = ("fc.weight", "norm.weight", "lm_head.weight", "t2d", "d2t")
 EMBEDDING_KEY = "embed_tokens.weight"
-
-
-class CheckpointError(ValueError):
-    """A draft checkpoint is malformed, incomplete, or does not fit the draft config."""
 
 
 def expected_shapes(config: Eagle3Config) -> dict[str, tuple[int, ...]]:
@@ -61,8 +59,3 @@ def expected_shapes(config: Eagle3Config) -> dict[str, tuple[int, ...]]:
         "d2t": (V_d,),
     }
     return shapes
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``bfloat16`` for ``torch.bfloat16``: the spelling of ``torch_dtype`` in config.json."""
-    return str(dtype).removeprefix("torch.")

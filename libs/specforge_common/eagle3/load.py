@@ -8,20 +8,14 @@ comes from the caller (the target's table).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
+from specforge_common.draft_files import read_config, read_weights, strip_prefixes
 from specforge_common.eagle3.layout import (
     CONFIG_NAME,
     EMBEDDING_KEY,
-    SAFETENSORS_INDEX,
-    TORCH_INDEX,
-    TORCH_WEIGHTS,
-    WEIGHTS_NAME,
     CheckpointError,
     dtype_name,
     expected_shapes,
@@ -32,74 +26,7 @@ from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
 
 __all__ = ["load_draft"]
 
-STRIPPABLE_PREFIXES = ("draft_model.", "model.")
-
 log = get_logger(component="eagle3.checkpoint")
-
-
-def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """All tensors of a checkpoint dir, the safetensors metadata (merged), and the source."""
-
-    def read(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint file {file} does not exist")
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                meta = dict(f.metadata() or {})
-            return load_file(str(file), device="cpu"), meta
-        try:
-            data = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(
-                f"cannot read {file} with weights_only=True (only plain tensor dicts are "
-                f"accepted, never arbitrary pickles): {exc}"
-            ) from exc
-        if not isinstance(data, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
-        ):
-            raise CheckpointError(f"{file} is not a flat dict of named tensors")
-        return data, {}
-
-    for single in (WEIGHTS_NAME, TORCH_WEIGHTS):
-        if (path / single).is_file():
-            tensors, meta = read(path / single)
-            return tensors, meta, single
-    for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
-        index_path = path / index_name
-        if not index_path.is_file():
-            continue
-        try:
-            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index_path} is not a valid weight index: {exc}") from exc
-        tensors, meta = {}, {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = (path / shard).resolve()
-            if not shard_path.is_relative_to(path.resolve()):
-                raise CheckpointError(f"{index_path} points outside the checkpoint: {shard}")
-            shard_tensors, shard_meta = read(shard_path)
-            tensors.update(shard_tensors)
-            meta.update(shard_meta)
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise CheckpointError(f"{index_path} lists tensors no shard holds: {absent}")
-        return tensors, meta, index_name
-    raise CheckpointError(
-        f"{path} holds no draft weights: expected {WEIGHTS_NAME}, {SAFETENSORS_INDEX}, "
-        f"{TORCH_WEIGHTS} or {TORCH_INDEX}"
-    )
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop a wrapper prefix (``draft_model.``, ``model.``) that every key carries."""
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in STRIPPABLE_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                changed = True
-    return state
 
 
 def load_draft(
@@ -122,16 +49,9 @@ def load_draft(
     """
     path = Path(path)
     config_path = path / CONFIG_NAME
-    if not config_path.is_file():
-        raise CheckpointError(f"{path} is not a draft checkpoint directory: no {CONFIG_NAME}")
-    try:
-        raw_config = json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw_config, dict):
-        raise CheckpointError(f"{config_path} must hold a JSON object")
-    tensors, file_metadata, source = _read_weights(path)
-    state = _strip_prefixes(tensors)
+    raw_config = read_config(path)
+    tensors, file_metadata, source = read_weights(path)
+    state = strip_prefixes(tensors)
 
     if raw_config.get("draft_vocab_size") is None and "lm_head.weight" in state:
         # Published drafts whose config lacks it: lm_head has one row per draft token.

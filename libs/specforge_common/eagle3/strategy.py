@@ -9,6 +9,7 @@ against the draft-vocab teacher, averaged over all B*T positions (masked ones co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,13 @@ from ..batch import TrainBatch
 from ..models.eagle3 import AttentionBackend, Eagle3Draft, TTTCache
 from ..models.layers import upcast
 from ..registry import STRATEGIES
+from ..strategy import StrategyOutput
 from .teacher import prepare_teacher, shift_left
+
+if TYPE_CHECKING:
+    from ..contracts import RunSpec
+
+__all__ = ["Eagle3Metrics", "Eagle3Strategy", "StrategyOutput"]
 
 
 @dataclass
@@ -46,10 +53,19 @@ class Eagle3Metrics:
         )  # fmt: skip
 
     def tensors(self) -> list[torch.Tensor]:
-        """The sums, for an all-reduce across ranks, in field order: ``Eagle3Metrics(*tensors,
-        step_weight_decay=...)`` rebuilds the metrics from them."""
+        """The sums, for an all-reduce across ranks, in field order (``from_tensors``)."""
         return [self.ploss, self.correct, self.denom, self.accept, self.accept_denom,
                 self.positions]  # fmt: skip
+
+    def from_tensors(self, tensors: list[torch.Tensor]) -> Eagle3Metrics:
+        return Eagle3Metrics(*tensors, step_weight_decay=self.step_weight_decay)
+
+    def zero(self) -> Eagle3Metrics:
+        return Eagle3Metrics.zeros(self.ploss.numel(), self.step_weight_decay)
+
+    def supervised_positions(self) -> float:
+        """Loss-masked positions of the first TTT step."""
+        return float(self.denom[0]) if self.denom.numel() else 0.0
 
     def accuracies(self) -> list[float]:
         return (self.correct / self.denom.clamp(min=1)).tolist()
@@ -79,15 +95,12 @@ class Eagle3Metrics:
         return out
 
 
-@dataclass
-class StrategyOutput:
-    loss: torch.Tensor
-    metrics: Eagle3Metrics
-
-
 @STRATEGIES.register("eagle3")
 class Eagle3Strategy:
     """Loss and telemetry of one batch; the trainer owns optimizer, accumulation and ranks."""
+
+    capture_method: ClassVar[str] = "eagle3"
+    weighted_loss: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -108,6 +121,26 @@ class Eagle3Strategy:
         self.ttt_length = ttt_length
         self.step_weight_decay = step_weight_decay
         self.attention = attention
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: RunSpec,
+        draft: Eagle3Draft,
+        *,
+        target_head: torch.Tensor,
+        target_embedding: torch.Tensor,
+        total_steps: int | None,
+    ) -> Eagle3Strategy:
+        del target_embedding, total_steps  # the draft holds its copy of the embedding
+        return cls(draft, target_head, ttt_length=spec.train.ttt_length,
+                   attention=spec.train.attention)  # fmt: skip
+
+    def set_step(self, step: int) -> None:
+        """EAGLE-3's loss has no schedule."""
+
+    def empty_metrics(self) -> Eagle3Metrics:
+        return Eagle3Metrics.zeros(self.ttt_length, self.step_weight_decay)
 
     def __call__(self, batch: TrainBatch) -> StrategyOutput:
         draft, K = self.draft, self.ttt_length

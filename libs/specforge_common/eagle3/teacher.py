@@ -48,6 +48,11 @@ def prepare_teacher(
 
     The full-vocab logits are computed ``chunk_rows`` positions at a time; only the
     draft-vocab outputs ([B, T, V_d]) are ever whole."""
+    if batch.hidden_states is None:
+        raise ValueError(
+            "EAGLE-3 needs the target's final hidden states; these samples have none "
+            "(captured for a block drafter?)"
+        )
     hidden = shift_left(batch.hidden_states)
     B, T, _ = hidden.shape
     rows = hidden.reshape(B * T, -1)

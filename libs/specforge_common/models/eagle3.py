@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import DRAFT_ARCHITECTURES
+from .draft import DraftModel
 from .layers import (
     GatedMLP,
     RMSNorm,
@@ -284,7 +285,7 @@ class Eagle3DecoderLayer(nn.Module):
 
 
 @DRAFT_ARCHITECTURES.register("llama_eagle3")
-class Eagle3Draft(nn.Module):
+class Eagle3Draft(DraftModel):
     """EAGLE-3 draft. The embedding is the target's, frozen, and never exported."""
 
     config_class = Eagle3Config
@@ -318,6 +319,21 @@ class Eagle3Draft(nn.Module):
             if isinstance(module, nn.Linear):
                 module.weight.normal_(0.0, std)
         self.embed_tokens.weight.normal_(0.0, std)
+
+    def attach_target(self, embedding: torch.Tensor, vocab_map: Any) -> None:
+        """Wire a fresh draft to its target: the frozen embedding and the draft vocab map."""
+        from ..eagle3.vocab import apply_vocab_map  # the eagle3 package imports this module
+
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(embedding)
+        self.embed_tokens.weight.requires_grad_(False)
+        apply_vocab_map(self, vocab_map)
+
+    def save(self, directory: str | Any) -> None:
+        """The SGLang-layout export (``config.json`` + ``model.safetensors``)."""
+        from ..eagle3.export import save_draft
+
+        save_draft(self, directory)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The exported weights: everything but the frozen target embedding."""

@@ -9,9 +9,9 @@ token instead of two (``bench/capture.py`` measures it).
 
 Each prompt is prefilled alone, so no prefill compute goes to padding; the rows' caches are then
 left-padded into one batch that steps together with explicit position ids. A finished row keeps
-stepping on pad tokens until the batch is done (its later states are dropped). Greedy rows take the argmax; sampled rows
-draw from ``softmax(logits / temperature)`` with their own seeded generator, so a row's reply
-depends on its seed, not on its batch mates (up to float rounding of a padded batch).
+stepping on pad tokens until the batch is done (its later states are dropped). Greedy rows take the
+argmax; sampled rows draw from ``softmax(logits / temperature)`` with their own seeded generator, so
+a row's reply depends on its seed, not on its batch mates (up to float rounding of a padded batch).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _prefill(
     steps: list[tuple[Tensor, Tensor]] = []
     logits = _step(engine, ids, torch.ones_like(ids), None, cache, steps)
     layers = [(layer.keys, layer.values) for layer in cache.layers]
-    (aux, final), = steps
+    ((aux, final),) = steps
     return layers, (aux[0], final[0]), logits
 
 

@@ -1,5 +1,6 @@
 """What every target backend (HF transformers, SGLang, ...) offers the capture, trainer and
-evaluator services, and the rule that picks which decoder layers feed the EAGLE-3 draft.
+evaluator services, and the rules that pick which decoder layers feed the draft (per capture
+method: EAGLE-3's three aux layers, DFlash's ``target_layer_ids``).
 
 Conventions shared by all backends, so features from any backend are interchangeable:
 
@@ -15,12 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-AuxLayerIds = tuple[int, int, int]
+from ..models.dflash import build_target_layer_ids
+
+if TYPE_CHECKING:
+    from ..contracts import RunSpec
+
+AuxLayerIds = tuple[int, ...]  # eagle3: exactly 3; dflash: one per draft layer by default
 
 
 def default_aux_layer_ids(num_layers: int) -> AuxLayerIds:
@@ -30,29 +36,46 @@ def default_aux_layer_ids(num_layers: int) -> AuxLayerIds:
     return (1, num_layers // 2 - 1, num_layers - 4)
 
 
-def _validated(ids: Sequence[Any], num_layers: int, source: str) -> AuxLayerIds:
+def _validated(ids: Sequence[Any], num_layers: int, source: str, count: int | None = 3,
+               ) -> AuxLayerIds:  # fmt: skip
     values = list(ids)
-    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"{source} must be exactly 3 ints, got {ids!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or not values:
+        raise ValueError(f"{source} must be a non-empty list of ints, got {ids!r}")
+    if count is not None and len(values) != count:
+        raise ValueError(f"{source} must be exactly {count} ints, got {ids!r}")
     bad = [v for v in values if not 0 <= v < num_layers]
     if bad:
         raise ValueError(f"{source} {values} out of range for a {num_layers}-layer target: {bad}")
-    return (values[0], values[1], values[2])
+    return tuple(values)
 
 
 def resolve_aux_layer_ids(
     explicit: Sequence[int] | None,
     draft_config: Mapping[str, Any] | None,
     num_layers: int,
+    method: str = "eagle3",
 ) -> AuxLayerIds:
-    """Pick the aux layers: explicit ids > draft config ``eagle_config`` > the default rule.
+    """Pick the captured layers: explicit ids > the draft config's own > the method's default.
 
     The draft config wins over the default so a draft trained elsewhere (e.g. with DeepSeek-V3's
-    ``[1, 29, 57]``) keeps receiving the features it was trained on.
+    ``[1, 29, 57]``) keeps receiving the features it was trained on. ``eagle3``: exactly three
+    ids (``eagle_config.eagle_aux_hidden_state_layer_ids``); ``dflash``: any number
+    (``dflash_config.target_layer_ids``; default ``build_target_layer_ids`` with the draft's
+    ``num_hidden_layers``, 1 if unset).
     """
+    config = draft_config or {}
+    if method == "dflash":
+        if explicit is not None:
+            return _validated(explicit, num_layers, "explicit target_layer_ids", None)
+        from_draft = (config.get("dflash_config") or {}).get("target_layer_ids")
+        if from_draft is not None:
+            return _validated(from_draft, num_layers, "draft dflash_config.target_layer_ids", None)
+        return build_target_layer_ids(num_layers, int(config.get("num_hidden_layers", 1)))
+    if method != "eagle3":
+        raise ValueError(f"unknown capture method {method!r}; known: dflash, eagle3")
     if explicit is not None:
         return _validated(explicit, num_layers, "explicit aux_hidden_state_layer_ids")
-    eagle = (draft_config or {}).get("eagle_config") or {}
+    eagle = config.get("eagle_config") or {}
     from_draft = eagle.get("eagle_aux_hidden_state_layer_ids")
     if from_draft is not None:
         return _validated(from_draft, num_layers, "draft eagle_aux_hidden_state_layer_ids")
@@ -77,9 +100,9 @@ class TargetInfo:
 
 @dataclass
 class CaptureOutput:
-    """The features an EAGLE-3 draft trains on, for one right-padded batch."""
+    """The features of one right-padded batch (a capture method stores what it needs of them)."""
 
-    aux_hidden_states: Tensor  # [B, T, 3H]: outputs of the 3 aux layers, concatenated in id order
+    aux_hidden_states: Tensor  # [B, T, nH]: the captured layers' outputs, concatenated in id order
     hidden_states: Tensor  # [B, T, H]: final hidden state after the final norm (lm_head's input)
 
 
@@ -124,3 +147,21 @@ class TargetEngine(Protocol):
     ) -> list[list[int]]:
         """New tokens per row (greedy at temperature 0), each cut after its first stop token."""
         ...
+
+
+def layer_ids_for_run(spec: RunSpec, num_layers: int) -> AuxLayerIds:
+    """The target layers a run captures: its explicit ids or its capture method's rule."""
+    return resolve_aux_layer_ids(
+        spec.draft.aux_layer_ids, spec.draft.config, num_layers, spec.capture_method
+    )
+
+
+def check_engine_layers(spec: RunSpec, engine: TargetEngine) -> None:
+    """A capture engine must extract exactly the layers the run's draft reads."""
+    wanted = layer_ids_for_run(spec, engine.info.num_layers)
+    if tuple(engine.aux_layer_ids) != tuple(wanted):
+        raise ValueError(
+            f"run {spec.run_id!r} ({spec.capture_method} capture) needs target layers "
+            f"{list(wanted)} but the engine extracts {list(engine.aux_layer_ids)}; build it with "
+            "HFTargetEngine.for_run(spec)"
+        )

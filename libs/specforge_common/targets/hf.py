@@ -96,6 +96,7 @@ class HFTargetEngine:
         model_dir: str | Path | None = None,
         aux_layer_ids: Sequence[int] | None = None,
         draft_config: dict[str, Any] | None = None,
+        capture_method: str = "eagle3",
     ) -> None:
         from transformers import GenerationConfig
 
@@ -104,8 +105,9 @@ class HFTargetEngine:
             skinny_linears(self.model)  # decode and verification steps: see its module doc
         self.model_dir = None if model_dir is None else Path(model_dir)
         self.info = target_info_from_config(model.config, getattr(model, "generation_config", None))
+        self.capture_method = capture_method
         self.aux_layer_ids: AuxLayerIds = resolve_aux_layer_ids(
-            aux_layer_ids, draft_config, self.info.num_layers
+            aux_layer_ids, draft_config, self.info.num_layers, capture_method
         )
         first = next(model.parameters())
         self.device: torch.device = first.device
@@ -130,24 +132,27 @@ class HFTargetEngine:
         dtype: torch.dtype = torch.float32,
         aux_layer_ids: Sequence[int] | None = None,
         draft_config: dict[str, Any] | None = None,
+        capture_method: str = "eagle3",
     ) -> HFTargetEngine:
         """Load a local HF checkpoint directory (no network) onto ``device`` in ``dtype``."""
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
         model.to(torch.device(device))
-        return cls(
-            model, model_dir=model_dir, aux_layer_ids=aux_layer_ids, draft_config=draft_config
-        )
+        return cls(model, model_dir=model_dir, aux_layer_ids=aux_layer_ids,
+                   draft_config=draft_config, capture_method=capture_method)  # fmt: skip
 
     @classmethod
     def for_run(
         cls, spec: RunSpec, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> HFTargetEngine:
-        """The run's target with its aux layers, in ``dtype`` or ``default_dtype``."""
+        """The run's target with the layers its capture method takes, in ``dtype`` or
+        ``default_dtype``."""
         dtype = dtype or default_dtype(device, spec.target.dtype)
         return cls.from_pretrained(spec.target.path, device=device, dtype=dtype,
-                                   aux_layer_ids=spec.draft.aux_layer_ids)  # fmt: skip
+                                   aux_layer_ids=spec.draft.aux_layer_ids,
+                                   draft_config=spec.draft.config,
+                                   capture_method=spec.capture_method)  # fmt: skip
 
     @property
     def tokenizer(self):
@@ -206,14 +211,15 @@ class HFTargetEngine:
 
     @contextmanager
     def aux_outputs(self, shape: torch.Size | tuple[int, int]) -> Iterator[Tensor]:
-        """A ``[B, T, 3H]`` buffer that the aux layers' outputs fill during the block's forward.
+        """A ``[B, T, nH]`` buffer that the captured layers' outputs fill during the forward.
 
         HF's hidden_states[N] is the post-norm state, not the last layer's raw output; an
         explicit aux id N-1 therefore means the final (post-norm) hidden state, which
         ``fill_final`` copies in after the forward."""
         batch, length = shape
         hidden = self.info.hidden_size
-        aux = torch.empty(batch, length, 3 * hidden, device=self.device, dtype=self.dtype)
+        width = len(self.aux_layer_ids) * hidden
+        aux = torch.empty(batch, length, width, device=self.device, dtype=self.dtype)
 
         def grab(slot: int):
             def hook(_module: nn.Module, _args: Any, output: Any) -> None:

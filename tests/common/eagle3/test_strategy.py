@@ -216,8 +216,8 @@ def test_acceptance_rate_is_averaged_over_the_position_mask_not_the_loss_mask() 
     assert max(abs(a - b) for a, b in zip(expected, on_loss_mask, strict=True)) > 1e-3
 
     strategy = Eagle3Strategy(draft, head, ttt_length=K)
-    first = TrainBatch(*(getattr(batch, f)[:1] for f in batch.__dataclass_fields__))
-    second = TrainBatch(*(getattr(batch, f)[1:] for f in batch.__dataclass_fields__))
+    first = batch.rows(slice(0, 1))
+    second = batch.rows(slice(1, None))
     for metrics in (strategy(batch).metrics, strategy(first).metrics + strategy(second).metrics):
         summary = metrics.summary()
         for k in range(K):
@@ -362,8 +362,8 @@ def test_simulated_acceptance_length_has_no_bonus_token() -> None:
 def test_metrics_add_up_over_batches_before_ratios() -> None:
     draft, head, batch, _ = make_setup()
     strategy = Eagle3Strategy(draft, head, ttt_length=K)
-    first = TrainBatch(*(getattr(batch, f)[:1] for f in batch.__dataclass_fields__))
-    second = TrainBatch(*(getattr(batch, f)[1:] for f in batch.__dataclass_fields__))
+    first = batch.rows(slice(0, 1))
+    second = batch.rows(slice(1, None))
     both = strategy(first).metrics + strategy(second).metrics
     whole = strategy(batch).metrics
     for a, b in zip(both.tensors()[1:], whole.tensors()[1:], strict=True):  # counts are exact

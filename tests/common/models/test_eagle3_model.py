@@ -68,7 +68,7 @@ def test_registries_name_the_architecture_and_strategy() -> None:
 
     assert DRAFT_ARCHITECTURES.get("llama_eagle3") is Eagle3Draft
     assert STRATEGIES.get("eagle3").__name__ == "Eagle3Strategy"
-    with pytest.raises(KeyError, match="known: llama_eagle3"):
+    with pytest.raises(KeyError, match="known: dflash, domino, llama_eagle3"):
         DRAFT_ARCHITECTURES.get("medusa")
 
 

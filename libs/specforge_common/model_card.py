@@ -1,5 +1,5 @@
-"""The model card (``README.md``) of an exported EAGLE-3 draft: what it is, what it was trained
-on, how well it measured and how to serve it with SGLang.
+"""The model card (``README.md``) of an exported draft (EAGLE-3, DFlash or Domino): what it is,
+what it was trained on, how well it measured and how to serve it with SGLang.
 
 ``render_model_card`` is pure: it turns plain facts (``ModelCardFacts``, what the trainer knows
 when it saves a checkpoint), an optional ``EvalResult`` (what the evaluator measured on that
@@ -100,6 +100,8 @@ class ModelCardFacts:
     aux_layer_ids: tuple[int, ...] | None = None
     dtype: str = ""
     eval_num_draft_tokens: int | None = None  # the evaluator's k (spec.eval.num_draft_tokens)
+    algorithm: str = "eagle3"  # the run's strategy: eagle3 | dflash | domino
+    block_size: int | None = None  # block drafters: tokens per draft block
 
     @classmethod
     def from_spec(
@@ -133,7 +135,8 @@ class ModelCardFacts:
             samples_trained=samples_trained,
             tokens_trained=tokens_trained,
             epochs=spec.train.epochs,
-            ttt_length=spec.train.ttt_length,
+            ttt_length=spec.train.ttt_length if spec.draft.strategy == "eagle3" else None,
+            algorithm=spec.draft.strategy,
             learning_rate=spec.train.learning_rate,
             batch_size=spec.train.batch_size,
             train_loss=train_loss,
@@ -150,6 +153,10 @@ class ModelCardFacts:
 
         eagle = config.get("eagle_config") or {}
         aux = eagle.get("eagle_aux_hidden_state_layer_ids") if isinstance(eagle, dict) else None
+        block = config.get("dflash_config")
+        if isinstance(block, dict):  # block drafters read the target's whole vocabulary
+            aux = block.get("target_layer_ids")
+            config = {**config, "draft_vocab_size": config.get("vocab_size")}
         return dataclasses.replace(
             self,
             hidden_size=number("hidden_size"),
@@ -162,6 +169,7 @@ class ModelCardFacts:
             target_hidden_size=number("target_hidden_size"),
             aux_layer_ids=tuple(int(i) for i in aux) if aux else None,
             dtype=str(config.get("torch_dtype") or config.get("dtype") or ""),
+            block_size=number("block_size") if isinstance(block, dict) else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +269,26 @@ def recommend_chain_length(result: EvalResult | None) -> ChainRecommendation:
     return ChainRecommendation(max(1, worth), tuple(cumulative), basis)
 
 
+ALGORITHM_NAMES = {
+    "eagle3": ("EAGLE-3", "LlamaForCausalLMEagle3"),
+    "dflash": ("DFlash", "DFlashDraftModel"),
+    "domino": ("Domino", "DFlashDraftModel` with `projector_type: domino"),
+}
+
+
+def _names(facts: ModelCardFacts) -> tuple[str, str]:
+    return ALGORITHM_NAMES.get(facts.algorithm, ALGORITHM_NAMES["eagle3"])
+
+
+def sglang_block_command(target: str, draft_dir: str | Path, block_size: int) -> str:
+    """SGLang's DFLASH speculative decoding with a block drafter (DFlash or Domino)."""
+    return (
+        f"python -m sglang.launch_server --model-path {_shell(target)} "
+        f"--speculative-algorithm DFLASH --speculative-draft-model-path {_shell(str(draft_dir))} "
+        f"--speculative-num-draft-tokens {block_size}"
+    )
+
+
 def sglang_command(target: str, draft_dir: str | Path, k: int) -> str:
     """The SGLang server command serving ``target`` with this draft as a ``k``-token chain."""
     return (
@@ -327,7 +355,7 @@ def _front_matter(facts: ModelCardFacts) -> list[str]:
     return [
         "---",
         "tags:",
-        "- eagle3",
+        f"- {facts.algorithm}",
         "- speculative-decoding",
         "- sglang",
         f"{FACTS_KEY}: {data}",
@@ -353,6 +381,8 @@ def _what(facts: ModelCardFacts, draft_dir: str) -> list[str]:
     vocab = f"{_num(facts.draft_vocab_size)} draft tokens"
     if facts.vocab_size:
         vocab += f" of the target's {facts.vocab_size:,}"
+    name, architecture = _names(facts)
+    block = f", blocks of {facts.block_size} tokens" if facts.block_size else ""
     aux = (
         "target decoder layers "
         + ", ".join(str(i) for i in facts.aux_layer_ids)
@@ -362,10 +392,10 @@ def _what(facts: ModelCardFacts, draft_dir: str) -> list[str]:
     )
     rows = [
         ("target", _code(target)),
-        ("draft", draft + (f", weights {facts.dtype}" if facts.dtype else "")),
+        ("draft", draft + block + (f", weights {facts.dtype}" if facts.dtype else "")),
         ("target hidden size", _num(facts.target_hidden_size or facts.hidden_size)),
         ("draft vocabulary", vocab),
-        ("aux layers", aux),
+        ("target layers read" if facts.algorithm != "eagle3" else "aux layers", aux),
         (
             "run",
             _code(facts.run_id) + (f", spec hash `{facts.spec_hash}`" if facts.spec_hash else ""),
@@ -380,13 +410,15 @@ def _what(facts: ModelCardFacts, draft_dir: str) -> list[str]:
         ("path", f"`{draft_dir}`"),
     ]
     return [
-        f"# EAGLE-3 draft for `{facts.target}`",
+        f"# {name} draft for `{facts.target}`",
         "",
-        f"An EAGLE-3 speculative-decoding draft model (`LlamaForCausalLMEagle3`) for the target "
+        f"A {name} speculative-decoding draft model (`{architecture}`) for the target "
         f"model `{facts.target}`, in the layout SGLang loads (`config.json` + "
         "`model.safetensors`). It only proposes tokens: the target verifies every one of them, "
         "so the output is the target's own. It works with this target only (it reads the "
-        "target's hidden states and uses its embedding).",
+        "target's hidden states and uses its embedding"
+        + (" and lm_head" if facts.algorithm != "eagle3" else "")
+        + ").",
         "",
         *_table(rows),
         "",
@@ -427,8 +459,9 @@ def _data(facts: ModelCardFacts) -> list[str]:
         ("trained on", trained),
         ("epochs", _num(facts.epochs)),
         (
-            "TTT length",
-            f"{facts.ttt_length} unrolled draft steps" if facts.ttt_length else "not recorded",
+            ("TTT length", f"{facts.ttt_length} unrolled draft steps")
+            if facts.algorithm == "eagle3"
+            else ("block size", f"{_num(facts.block_size)} tokens per draft block")
         ),
         ("learning rate", lr),
         (
@@ -548,7 +581,27 @@ def _measured(result: EvalResult | None, machine: Machine | None) -> list[str]:
     return out
 
 
+def _serve_block(facts: ModelCardFacts, draft_dir: str) -> list[str]:
+    block = facts.block_size or 16
+    return [
+        "## Serve it with SGLang",
+        "",
+        "```bash",
+        sglang_block_command(facts.target, draft_dir, block),
+        "```",
+        "",
+        "`--speculative-algorithm DFLASH` selects block drafting (DFlash and Domino drafts "
+        "alike; a Domino draft needs an SGLang build with Domino support and bf16 weights), "
+        "`--speculative-draft-model-path` is this directory, and "
+        f"`--speculative-num-draft-tokens` is the block size ({block}): one draft forward "
+        "proposes the block, one target forward verifies it. SGLang runs DFLASH on CUDA only.",
+        "",
+    ]
+
+
 def _serve(facts: ModelCardFacts, result: EvalResult | None, draft_dir: str) -> list[str]:
+    if facts.algorithm != "eagle3":
+        return _serve_block(facts, draft_dir)
     chain = recommend_chain_length(result)
     if chain.cumulative:
         shown = ", ".join(f"{c:.3f}" for c in chain.cumulative)

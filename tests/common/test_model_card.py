@@ -12,21 +12,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from specforge_common.contracts import CaptureSpec, EvalResult, RunSpec, TargetSpec, TrainSpec
-from specforge_common.eagle3 import (
+from specforge_common.contracts import (
+    CaptureSpec,
+    DraftSpec,
+    EvalResult,
+    RunSpec,
+    TargetSpec,
+    TrainSpec,
+)
+from specforge_common.eagle3 import save_draft
+from specforge_common.model_card import (
     CARD_NAME,
+    DEFAULT_CHAIN_LENGTH,
+    MIN_CUMULATIVE_ACCEPTANCE,
+    SERVING_DEFINITION,
+    SIMULATED_DEFINITION,
     Machine,
     ModelCardFacts,
     read_card_facts,
     recommend_chain_length,
     render_model_card,
-    save_draft,
-)
-from specforge_common.eagle3.model_card import (
-    DEFAULT_CHAIN_LENGTH,
-    MIN_CUMULATIVE_ACCEPTANCE,
-    SERVING_DEFINITION,
-    SIMULATED_DEFINITION,
     sglang_command,
 )
 from specforge_common.models.eagle3 import Eagle3Config, Eagle3Draft
@@ -207,3 +212,27 @@ def test_facts_from_a_real_export_and_the_machine(tmp_path: Path) -> None:
     assert sglang_command("t", "/d", 5).endswith(
         "--speculative-num-steps 5 --speculative-eagle-topk 1 --speculative-num-draft-tokens 6"
     )
+
+
+@pytest.mark.parametrize("strategy", ["dflash", "domino"])
+def test_a_block_drafter_card_names_its_algorithm_and_serves_with_dflash(strategy: str) -> None:
+    config = {
+        "architectures": ["DFlashDraftModel"], "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 2, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "vocab_size": 49152, "block_size": 8, "torch_dtype": "float32",
+        "dflash_config": {"target_layer_ids": [1, 27], "mask_token_id": 2},
+    }  # fmt: skip
+    block_spec = spec(draft=DraftSpec(strategy=strategy))
+    f = ModelCardFacts.from_spec(block_spec, step=5, final=True, config=config)
+    text = render_model_card(f, result(), draft_dir=DRAFT_DIR)
+    name = {"dflash": "DFlash", "domino": "Domino"}[strategy]
+    assert f"# {name} draft for `{TARGET}`" in text
+    assert command_values(text) == {
+        "--model-path": TARGET, "--speculative-algorithm": "DFLASH",
+        "--speculative-draft-model-path": DRAFT_DIR, "--speculative-num-draft-tokens": "8",
+    }  # fmt: skip
+    for fragment in ("2 decoder layers", "blocks of 8 tokens", "target decoder layers 1, 27",
+                     "49,152 draft tokens of the target's 49,152", "8 tokens per draft block",
+                     f"- {strategy}\n", SERVING_DEFINITION, SIMULATED_DEFINITION):  # fmt: skip
+        assert fragment in text, fragment
+    assert "TTT length" not in text and "EAGLE3" not in text

@@ -174,6 +174,21 @@ async def test_a_sample_whose_features_are_gone_is_dead_lettered_and_skipped(
     assert letters[0].subject == f"sf.{run_id}.samples.train"
 
 
+async def test_samples_of_another_capture_method_are_refused_naming_both(
+    bus: Bus, run_id: str, target: Path, tmp_path: Path
+) -> None:
+    """A block-drafter trainer given EAGLE-3 samples: every one dead-lettered, none trained."""
+    spec = tiny_run_spec(run_id, target, tmp_path)
+    await seed_captured_run(bus, spec, n_train=3, n_eval=1)
+    stream = open_stream(bus, spec, method="dflash", recapture_timeout_s=0)
+    assert await collect(stream) == []
+    assert stream.stats.dead_lettered == 3
+    letters = [r for _, r in await stream_records(bus, run_id, "dlq", DeadLetter)]
+    assert len(letters) == 3
+    assert all("holds 'eagle3' features" in d.reason and "on 'dflash' features" in d.reason
+               for d in letters)  # fmt: skip
+
+
 async def test_the_stream_follows_a_log_that_is_still_being_written(
     bus: Bus, run_id: str, target: Path, tmp_path: Path
 ) -> None:

@@ -114,3 +114,16 @@ async def test_a_replay_may_train_another_draft_vocab_size_from_the_data_runs_co
     vocab_map = vocab_map_of(trainer.parts.draft)
     assert vocab_map.draft_vocab_size == 200 and result.final is not None
     assert vocab_map == build_vocab_map(Counter(counter.counts), 512, 200)
+
+
+def test_a_replay_of_samples_captured_for_another_algorithm_is_refused() -> None:
+    from specforge_common.contracts import DraftSpec, RunSpec, TargetSpec
+    from specforge_trainer.build import TrainerError, check_data_run
+
+    target = TargetSpec(path="/t")
+    data = RunSpec(run_id="eagle-data", target=target)
+    replay = RunSpec(run_id="block", target=target, draft=DraftSpec(strategy="dflash"),
+                     data_run="eagle-data")  # fmt: skip
+    with pytest.raises(TrainerError, match="capture method is 'dflash'.*data run's is 'eagle3'"):
+        check_data_run(replay, data)
+    check_data_run(RunSpec(run_id="again", target=target, data_run="eagle-data"), data)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("standalone (no bus): judge one draft by real decoding")
-    group.add_argument("--draft", help="an SGLang-layout EAGLE-3 draft directory")
+    group.add_argument("--draft", help="an SGLang-layout draft directory (EAGLE-3, DFlash, Domino)")
     group.add_argument("--target", help="the target model directory (HF layout)")
     group.add_argument("--prompts", help="dataset file (.jsonl/.json) or 'sharegpt'")
     group.add_argument("--limit", type=int, default=16, help="prompts to decode (16)")

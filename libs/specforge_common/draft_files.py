@@ -131,18 +131,6 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], s
     )
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop a wrapper prefix (``draft_model.``, ``model.``) that every key carries."""
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in STRIPPABLE_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop a wrapper prefix (``draft_model.``, ``model.``) that every key carries."""
     changed = True

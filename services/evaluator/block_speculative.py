@@ -33,9 +33,9 @@ from specforge_common.models.dflash import DFlashDraft, read_out
 from specforge_common.models.domino import DominoDraft
 from specforge_common.targets.hf import HFTargetEngine
 
-from .acceptance import greedy_accept, sample, speculative_accept
+from .acceptance import sample
 from .decode_results import SpeculativeResult
-from .speculative import _check_args, _choose, _cut_at_stop, _start
+from .speculative import _check_args, _choose, _cut_at_stop, _start, verify_round
 from .target_session import TargetSession
 
 __all__ = ["block_speculative_generate", "check_block_draft_fits"]
@@ -118,16 +118,8 @@ def block_speculative_generate(
                                            domino)  # fmt: skip
             t1 = clock()
 
-            verify = torch.tensor([tokens[-1], *drafted], device=device)
-            logits, layers = target.forward(verify)
-            assert layers is not None
-            if temperature == 0:
-                accepted, nxt = greedy_accept(logits.argmax(dim=-1), drafted)
-            else:
-                p = torch.softmax(logits / temperature, dim=-1)
-                q = q if q is not None else p.new_zeros(0, p.shape[-1])  # k == 0
-                accepted, nxt = speculative_accept(p, q, drafted, generator)
-            target.crop(k - accepted)
+            accepted, nxt, layers = verify_round(target, tokens[-1], drafted, q, temperature,
+                                                 generator)  # fmt: skip
             new_context = draft.project_context(layers[None, : accepted + 1].to(dtype))
             context = torch.cat([context, new_context], dim=1)
             emitted = _cut_at_stop([*drafted[:accepted], nxt], stops)

@@ -233,16 +233,8 @@ def speculative_generate(
             incremental.clear_chain()
             t1 = clock()
 
-            verify = torch.tensor([tokens[-1], *drafted], device=device)
-            logits, aux = target.forward(verify)
-            assert aux is not None
-            if temperature == 0:
-                accepted, nxt = greedy_accept(logits.argmax(dim=-1), drafted)
-            else:
-                p = torch.softmax(logits / temperature, dim=-1)
-                q = q if q is not None else p.new_zeros(0, p.shape[-1])  # k_round == 0
-                accepted, nxt = speculative_accept(p, q, drafted, generator)
-            target.crop(k_round - accepted)
+            accepted, nxt, aux = verify_round(target, tokens[-1], drafted, q, temperature,
+                                              generator)  # fmt: skip
             new = [*drafted[:accepted], nxt]
             emitted = _cut_at_stop(new, stops)
             tokens.extend(emitted)
@@ -257,6 +249,28 @@ def speculative_generate(
             result.target_seconds.append(t2 - t1)
     result.wall_seconds = clock() - started
     return result
+
+
+def verify_round(
+    target: TargetSession,
+    last: int,
+    drafted: list[int],
+    q: Tensor | None,
+    temperature: float,
+    generator: torch.Generator,
+) -> tuple[int, int, Tensor]:
+    """One target forward over ``[last, *drafted]``, the acceptance rule, the cache cropped to
+    what was accepted: (accepted drafts, the target's next token, the captured layers)."""
+    logits, layers = target.forward(torch.tensor([last, *drafted], device=target.engine.device))
+    assert layers is not None
+    if temperature == 0:
+        accepted, nxt = greedy_accept(logits.argmax(dim=-1), drafted)
+    else:
+        p = torch.softmax(logits / temperature, dim=-1)
+        q = q if q is not None else p.new_zeros(0, p.shape[-1])  # nothing drafted
+        accepted, nxt = speculative_accept(p, q, drafted, generator)
+    target.crop(len(drafted) - accepted)
+    return accepted, nxt, layers
 
 
 def _propose(

@@ -61,6 +61,7 @@ class NatsServer:
         host: str = "127.0.0.1",
         port: int = -1,
         store_dir: str | Path | None = None,
+        config_file: str | Path | None = None,
         binary: str | Path | None = None,
         extra_args: tuple[str, ...] = (),
         ready_timeout: float = 10.0,
@@ -70,6 +71,10 @@ class NatsServer:
         self.binary = Path(binary) if binary else None
         self.extra_args = extra_args
         self.ready_timeout = ready_timeout
+        if config_file is not None and store_dir is not None:
+            # nats-server refuses a store directory given both in its file and as a flag.
+            raise ValueError("with a config file, JetStream's store_dir belongs in the file")
+        self.config_file = Path(config_file) if config_file else None
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir) if store_dir else None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -81,14 +86,17 @@ class NatsServer:
             return self
         binary = self.binary or find_nats_server()
         self._workdir = Path(tempfile.mkdtemp(prefix="specforge-nats-"))
-        if self.store_dir is None:
-            self.store_dir = self._workdir / "jetstream"
-        self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self.config_file is not None:
+            jetstream = ["-c", str(self.config_file)]  # its jetstream block: store_dir, limits
+        else:
+            if self.store_dir is None:
+                self.store_dir = self._workdir / "jetstream"
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+            jetstream = ["-js", "-sd", str(self.store_dir)]
         log_path = self._workdir / "nats-server.log"
         args = [
             str(binary),
-            "-js",
-            "-sd", str(self.store_dir),
+            *jetstream,
             "-a", self.host,
             "-p", str(self.port),
             "--ports_file_dir", str(self._workdir),

@@ -30,6 +30,23 @@ def test_starts_on_a_free_loopback_port_with_jetstream_and_stops_cleanly(tmp_pat
     assert (tmp_path / "js").is_dir()  # a caller-chosen store dir is kept
 
 
+def test_a_config_file_owns_jetstream_and_its_store_dir(tmp_path: Path) -> None:
+    store = tmp_path / "from-the-file"
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f'jetstream {{ store_dir: "{store}" }}\n')
+    with pytest.raises(ValueError, match="store_dir belongs in the file"):
+        NatsServer(config_file=conf, store_dir=tmp_path / "flag")
+    with NatsServer(config_file=conf) as server:
+
+        async def streams() -> int:
+            async with await open_bus(BusConfig(servers=(server.url,))) as bus:
+                await bus.ensure_streams("configured")
+                return await bus.stream_depth("configured", "samples")
+
+        assert asyncio.run(streams()) == 0
+    assert (store / "jetstream").is_dir()  # JetStream kept its data where the file said
+
+
 def test_missing_binary_gives_an_actionable_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -66,6 +66,13 @@ def add_bus_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nats-tls-cert", default=env("SPECFORGE_NATS_TLS_CERT"))
     group.add_argument("--nats-tls-key", default=env("SPECFORGE_NATS_TLS_KEY"))
     group.add_argument(
+        "--nats-replicas",
+        type=int,
+        default=int(env("SPECFORGE_NATS_REPLICAS", "1")),
+        help="copies of each stream this command creates (3 on a 3-node JetStream cluster, so "
+        "a run survives losing a node; env SPECFORGE_NATS_REPLICAS, default 1)",
+    )
+    group.add_argument(
         "--ack-wait",
         type=float,
         default=float(env("SPECFORGE_ACK_WAIT_S", DEFAULT_ACK_WAIT_S)),
@@ -85,5 +92,6 @@ def bus_config_from_args(args: argparse.Namespace, name: str) -> BusConfig:
         tls_ca_file=args.nats_tls_ca,
         tls_cert_file=args.nats_tls_cert,
         tls_key_file=args.nats_tls_key,
+        replicas=args.nats_replicas,
         ack_wait_s=args.ack_wait,
     )

@@ -14,6 +14,7 @@ when selected; a missing one raises :class:`TrackingUnavailable` with the pip co
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Protocol
@@ -27,6 +28,7 @@ __all__ = [
     "Tracker",
     "TrackingUnavailable",
     "open_tracker",
+    "require_backend",
     "tensorboard_dir",
 ]
 
@@ -62,6 +64,23 @@ def tensorboard_dir(spec: RunSpec) -> Path:
     return (Path(spec.output_dir) / spec.run_id / "tensorboard").absolute()
 
 
+def require_backend(spec: RunSpec) -> None:
+    """Raise :class:`TrackingUnavailable` unless the selected backend's package is installed,
+    without importing it (every rank of a trainer checks, only rank 0 opens a tracker)."""
+    backend = spec.tracking.backend
+    package = EXTRA_PACKAGES.get(backend)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise _unavailable(backend, f"no module named {package!r}")
+
+
+def _unavailable(backend: str, why: object) -> TrackingUnavailable:
+    return TrackingUnavailable(
+        f"tracking.backend = {backend!r} needs the {EXTRA_PACKAGES[backend]} package, which is "
+        f"not installed ({why}): pip install 'specforge-services[{backend}]', "
+        'or set tracking.backend = "none"'
+    )
+
+
 def open_tracker(spec: RunSpec, role: Role, *, first_step: int | None = None) -> Tracker:
     """The tracker of ``role`` for ``spec``'s run.
 
@@ -90,11 +109,7 @@ def open_tracker(spec: RunSpec, role: Role, *, first_step: int | None = None) ->
         else:
             raise ValueError(f"unknown tracking backend {backend!r}")
     except ImportError as exc:
-        raise TrackingUnavailable(
-            f"tracking.backend = {backend!r} needs the {EXTRA_PACKAGES[backend]} package, "
-            f"which is not installed ({exc}): pip install 'specforge-services[{backend}]', "
-            'or set tracking.backend = "none"'
-        ) from exc
+        raise _unavailable(backend, exc) from exc
     return Guarded(tracker, backend, role)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from specforge_common.contracts import EvalResult, TrackingSpec
 from specforge_common.featurestore import open_store
 from specforge_common.targets import make_tiny_target
-from specforge_common.tracking import open_tracker, tensorboard_dir
+from specforge_common.tracking import TrackingUnavailable, open_tracker, tensorboard_dir
 from specforge_evaluator.scalars import eval_scalars
 from specforge_evaluator.service import Evaluator
 from tests.evaluator import (
@@ -96,3 +97,16 @@ def test_unmeasured_results_are_absent_not_zero() -> None:
                         wall_seconds={"load": 0.5}, run_spec_hash="h")  # fmt: skip
     assert eval_scalars(result) == {"eval/samples": 0.0, "eval/no_data": 1.0,
                                     "eval/seconds_load": 0.5}  # fmt: skip
+
+
+async def test_a_backend_that_is_not_installed_stops_the_evaluator_before_any_work(
+    bus, run_id: str, target_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("mlflow", "mlflow.entities", "mlflow.exceptions", "mlflow.tracking"):
+        monkeypatch.setitem(sys.modules, name, None)  # absent, whatever this machine has
+    spec = tiny_run_spec(run_id, target_dir, tmp_path, tracking=TrackingSpec(backend="mlflow"))
+    await bus.ensure_streams(run_id)
+    service = Evaluator(bus, spec, open_store(spec.store_uri), fetch_timeout=0.2)
+    with pytest.raises(TrackingUnavailable, match=r"pip install 'specforge-services\[mlflow\]'"):
+        await asyncio.wait_for(service.run(), timeout=10)  # no eval split yet: it would wait
+    assert service.eval_set is None

@@ -23,6 +23,7 @@ from specforge_common.contracts import RunSpec
 from specforge_common.log import get_logger
 
 __all__ = [
+    "Guarded",
     "NullTracker",
     "Role",
     "Tracker",
@@ -33,7 +34,8 @@ __all__ = [
 ]
 
 Role = Literal["train", "eval"]
-EXTRA_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+# Each optional backend is a package of its name, installed by the extra of its name.
+OPTIONAL_BACKENDS = ("tensorboard", "wandb", "mlflow")
 
 
 class Tracker(Protocol):
@@ -68,15 +70,14 @@ def require_backend(spec: RunSpec) -> None:
     """Raise :class:`TrackingUnavailable` unless the selected backend's package is installed,
     without importing it (every rank of a trainer checks, only rank 0 opens a tracker)."""
     backend = spec.tracking.backend
-    package = EXTRA_PACKAGES.get(backend)
-    if package is not None and importlib.util.find_spec(package) is None:
-        raise _unavailable(backend, f"no module named {package!r}")
+    if backend in OPTIONAL_BACKENDS and importlib.util.find_spec(backend) is None:
+        raise _unavailable(backend, f"no module named {backend!r}")
 
 
 def _unavailable(backend: str, why: object) -> TrackingUnavailable:
     return TrackingUnavailable(
-        f"tracking.backend = {backend!r} needs the {EXTRA_PACKAGES[backend]} package, which is "
-        f"not installed ({why}): pip install 'specforge-services[{backend}]', "
+        f"tracking.backend = {backend!r} needs the {backend} package, which is not installed "
+        f"({why}): pip install 'specforge-services[{backend}]', "
         'or set tracking.backend = "none"'
     )
 

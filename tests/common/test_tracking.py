@@ -3,6 +3,7 @@ clear error for a backend whose extra is not installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from specforge_common.tracking import (
 from tests.support import tensorboard_scalars
 
 needs_tensorboard = pytest.mark.skipif(
-    not __import__("importlib.util").util.find_spec("tensorboard"),
+    importlib.util.find_spec("tensorboard") is None,
     reason="the tensorboard extra is not installed (pip install 'specforge-services[tensorboard]')",
 )
 

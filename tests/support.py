@@ -135,3 +135,16 @@ async def seed_captured_run(
         )
         await bus.publish(subjects.samples(split), marker, msg_id=f"end:{spec.run_id}:{split}")
     return refs
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of ``log_dir``, as TensorBoard itself reads
+    them: ``{tag: [(step, value), ...]}`` in step order (needs the ``tensorboard`` package)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag: sorted((e.step, e.value) for e in events.Scalars(tag))
+        for tag in events.Tags()["scalars"]
+    }

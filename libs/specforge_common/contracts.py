@@ -144,6 +144,22 @@ class EvalSpec(msgspec.Struct, kw_only=True, frozen=True):
     temperature: float = 0.0  # 0: greedy, checked token for token against the target (lossless)
 
 
+TrackingBackend = Literal["none", "tensorboard", "wandb", "mlflow"]
+
+
+class TrackingSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """Where the trainer and the evaluator send their scalars (``specforge_common.tracking``).
+
+    Operational, not part of the run: it is left out of ``RunSpec.spec_hash``.
+    """
+
+    backend: TrackingBackend = "none"
+    dir: str = ""  # tensorboard; empty: <output_dir>/<run_id>/tensorboard (train/ and eval/ in it)
+    project: str = "specforge"  # wandb: the project; mlflow: the experiment name
+    entity: str = ""  # wandb: the team or user; empty: the login's default
+    tracking_uri: str = ""  # mlflow: the tracking server or store; empty: mlflow's default
+
+
 class RunSpec(Record, kw_only=True, frozen=True):
     """Everything that determines a run. Stored in the KV bucket; its hash stamps every record."""
 
@@ -164,6 +180,7 @@ class RunSpec(Record, kw_only=True, frozen=True):
     # Replay: the run whose samples log, enqueue summary and vocab map the trainer reads
     # (``specforge replay``); empty = this run itself.
     data_run: str = ""
+    tracking: TrackingSpec = TrackingSpec()  # where metrics go; not hashed
 
     def __post_init__(self) -> None:
         validate_run_id(self.run_id)
@@ -211,8 +228,14 @@ class RunSpec(Record, kw_only=True, frozen=True):
         return self.data_run or self.run_id
 
     def spec_hash(self) -> str:
-        """Stable short hash of the whole spec; records produced under it carry it."""
-        canonical = msgspec.json.encode(self, order="sorted")
+        """Stable short hash of the spec; records produced under it carry it.
+
+        ``tracking`` is left out: where the metrics go changes nothing the run produces, and
+        the specs stored before it existed keep their hash.
+        """
+        identity = msgspec.to_builtins(self)
+        del identity["tracking"]
+        canonical = msgspec.json.encode(identity, order="sorted")
         return hashlib.sha256(canonical).hexdigest()[:16]
 
 

@@ -111,6 +111,12 @@ async def _enqueue(args: argparse.Namespace) -> int:
             )
             print(f"specforge enqueue: {conflict}")
             return 1
+        elif wanted is not None and wanted.tracking != spec.tracking:
+            # not part of the spec hash, so not a conflict: but not applied either
+            print(
+                f"run {args.run}: tracking is the stored spec's (backend "
+                f"{spec.tracking.backend!r}); --config/--set tracking applies to a new run"
+            )
         await bus.ensure_streams(args.run)
         try:
             report = await enqueue(bus, spec, args.source, limit=args.limit)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from specforge_common.bus import BusError, add_bus_arguments, bus_config_from_args, open_bus
 from specforge_common.contracts import RunSpec
@@ -77,6 +78,7 @@ async def _evaluate(args: argparse.Namespace) -> int:
         import torch
 
         from specforge_common.featurestore import open_store
+        from specforge_common.tracking import TrackingUnavailable
 
         from .service import Evaluator
 
@@ -99,6 +101,10 @@ async def _evaluate(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, evaluator.stop)
         try:
             report = await evaluator.run()
+        except TrackingUnavailable as exc:
+            log.error("evaluator cannot run", error=str(exc))
+            print(f"specforge evaluate: {exc}", file=sys.stderr)
+            return 1
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

@@ -23,7 +23,9 @@ Lifecycle of one ``Evaluator``:
    (``README.md``) is rewritten with the measurements (``_rewrite_card``; a failure is logged
    as a warning and changes nothing else).
 
-With ``exit_when_final`` the loop returns after settling the event with ``final=True``.
+Each published EvalResult also goes to the run's tracker (``spec.tracking``; ``scalars.py``)
+at the checkpoint's step. With ``exit_when_final`` the loop returns after settling the event
+with ``final=True``.
 ``stop()`` (SIGTERM) finishes the current checkpoint and returns.
 """
 
@@ -71,8 +73,10 @@ from specforge_common.strategies import STRATEGIES
 from specforge_common.strategy import StrategyMetrics
 from specforge_common.subjects import RunSubjects
 from specforge_common.targets import load_embedding, load_lm_head
+from specforge_common.tracking import NullTracker, Tracker, open_tracker
 
 from .offline import evaluate_strategy
+from .scalars import eval_scalars
 from .serving import ServingEval, prompts_from_samples
 
 SERVICE = "evaluator"
@@ -241,6 +245,7 @@ class Evaluator:
         self.target_head: Tensor | None = None
         self.embedding: Tensor | None = None
         self.report = EvaluatorReport()
+        self.tracker: Tracker = NullTracker()  # run() opens the run's
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -297,6 +302,16 @@ class Evaluator:
         return serving
 
     async def run(self) -> EvaluatorReport:
+        """Evaluate checkpoints until stopped (or the final one, with ``exit_when_final``);
+        raises ``TrackingUnavailable`` first if the run tracks to a backend not installed."""
+        self.tracker = open_tracker(self.spec, "eval")
+        try:
+            return await self._run()
+        finally:
+            self.tracker.close()
+            self.tracker = NullTracker()
+
+    async def _run(self) -> EvaluatorReport:
         if self.eval_set is None:
             prepared = asyncio.create_task(self.prepare())
             stopped = asyncio.create_task(self._stop.wait())
@@ -353,6 +368,7 @@ class Evaluator:
                 self.subjects.evals, result, msg_id=f"eval:{self.run_id}:{event.step}"
             )
             await delivery.ack_sync()
+            self.tracker.log_scalars(event.step, eval_scalars(result))
             self.report.evaluated.append(event.step)
             if event.final:
                 self.report.final_evaluated = True

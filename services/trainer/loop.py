@@ -45,6 +45,7 @@ from specforge_common.bus import Bus
 from specforge_common.contracts import RunSpec
 from specforge_common.log import get_logger
 from specforge_common.strategy import StrategyMetrics
+from specforge_common.tracking import TrackingUnavailable, require_backend
 
 from .build import Parallel, TrainerError, TrainerParts, build_parts, resolve_device
 from .checkpointing import Checkpointer
@@ -124,6 +125,10 @@ class Trainer:
 
     async def run(self) -> TrainResult:
         await self.setup()
+        try:
+            require_backend(self.spec)  # every rank: none starts a run rank 0 would abandon
+        except TrackingUnavailable as exc:
+            raise TrainerError(str(exc)) from None
         self.position = TrainingPosition()
         self.telemetry = Telemetry(self.bus, self.spec, self.parts.spec_hash, self.rank,
                                    self.world_size, self.log,
@@ -146,11 +151,16 @@ class Trainer:
                           start_seq=self.position.last_sequence + 1)  # fmt: skip
         else:
             torch.manual_seed(self.spec.seed + self.rank)  # training randomness is the spec's
+        try:
+            self.telemetry.start_tracking(resumed_from)
+        except TrackingUnavailable as exc:
+            raise TrainerError(str(exc)) from None
         self.telemetry.open_step_logs(resumed_from)
         try:
             return await self._train(resumed_from)
         finally:
             self.telemetry.close_step_logs()
+            self.telemetry.stop_tracking()
 
     async def _train(self, resumed_from: int | None) -> TrainResult:
         parts, train, position = self.parts, self.spec.train, self.position

@@ -10,12 +10,16 @@ Step logs (``specforge_common.step_log``): every optimizer step appends ``{"step
 every log line's metrics to ``<output_dir>/<run>/train_metrics.jsonl`` (``specforge report``
 plots it). A resume cuts both back to the checkpoint's step; both are fsynced before each
 checkpoint that covers them.
+
+Tracking (``spec.tracking``, ``specforge_common.tracking``): rank 0 sends every log line's
+metrics (``train_scalars``: ``train/loss``, ``train/acc_pos0``, ...) at its optimizer step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +28,7 @@ from specforge_common.contracts import RunSpec, TrainerProgress
 from specforge_common.step_log import StepLog, train_metrics_path, trained_samples_path
 from specforge_common.strategy import StrategyMetrics
 from specforge_common.subjects import progress_key
+from specforge_common.tracking import NullTracker, Tracker, open_tracker
 
 from .checkpoints import SavedCheckpoint
 from .data import StreamBatch, StreamStats
@@ -33,7 +38,20 @@ from .position import TrainingPosition
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
-__all__ = ["LogWindow", "Telemetry", "TrainResult"]
+__all__ = ["LogWindow", "Telemetry", "TrainResult", "train_scalars"]
+
+
+def train_scalars(entry: Mapping[str, float]) -> dict[str, float]:
+    """A log line's metrics as tracker tags (the step is the tracker's own axis):
+    ``acc_<k>`` -> ``train/acc_pos<k>``, everything else -> ``train/<name>``."""
+    scalars = {}
+    for key, value in entry.items():
+        if key == "step":
+            continue
+        position = key.removeprefix("acc_")
+        name = f"acc_pos{position}" if key.startswith("acc_") and position.isdigit() else key
+        scalars[f"train/{name}"] = value
+    return scalars
 
 
 @dataclass
@@ -93,6 +111,7 @@ class Telemetry:
         self.latest_metrics: dict[str, float] = {}  # the last one (a resume: the checkpoint's)
         self._trained: StepLog | None = None
         self._metrics_log: StepLog | None = None
+        self._tracker: Tracker = NullTracker()
 
     def new_window(self, wait_s: float) -> LogWindow:
         return LogWindow(self.empty_metrics.zero(), wait_mark=wait_s)
@@ -109,6 +128,17 @@ class Telemetry:
         for log in (self._trained, self._metrics_log):
             if log is not None:
                 log.close()
+
+    def start_tracking(self, resumed_from: int | None) -> None:
+        """Rank 0 opens the run's tracker; a resume logs again from the step after its
+        checkpoint, so what an earlier attempt logged from there on is hidden."""
+        if self.rank == 0:
+            first = 0 if resumed_from is None else resumed_from + 1
+            self._tracker = open_tracker(self.spec, "train", first_step=first)
+
+    def stop_tracking(self) -> None:
+        self._tracker.close()
+        self._tracker = NullTracker()
 
     def sync_step_logs(self) -> None:
         """On disk before the checkpoint that covers them."""
@@ -156,6 +186,7 @@ class Telemetry:
             self._metrics_log.append({"step": position.global_step, "epoch": position.epoch,
                                       **{k: v for k, v in entry.items()
                                          if k not in ("step", "epoch")}})  # fmt: skip
+        self._tracker.log_scalars(position.global_step, train_scalars(entry))
         self.history.append(entry)
         self.latest_metrics = entry
         return entry

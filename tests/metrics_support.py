@@ -56,4 +56,3 @@ async def scrape_until(
             return samples
         assert loop.time() < deadline, "metrics never reached the expected state"
         await asyncio.sleep(every)
-

@@ -43,6 +43,8 @@ class EvaluatorMetrics(ServiceMetrics):
             name: Gauge(name, help_text, ["run"], registry=self.registry).labels(run=run_id)
             for name, help_text in RESULT_GAUGES.items()
         }
+        for gauge in self.result_gauges.values():
+            gauge.set(math.nan)  # nothing evaluated yet (0 would read "not lossless", "step 0")
         self.acceptance_rate = Gauge(
             "specforge_eval_acceptance_rate",
             "Offline acceptance rate per drafted position on the eval split (0..1)",

@@ -8,6 +8,7 @@ included (the time a step really takes).
 
 from __future__ import annotations
 
+import math
 import re
 
 from prometheus_client import Gauge, Histogram
@@ -46,6 +47,8 @@ class TrainerMetrics(ServiceMetrics):
             key: Gauge(name, help_text, ["run"], registry=self.registry).labels(run=run_id)
             for key, (name, help_text) in WINDOW_GAUGES.items()
         }
+        for gauge in self.window_gauges.values():
+            gauge.set(math.nan)  # no window logged yet (a loss of 0 would be a claim)
         self.accuracy = Gauge(
             "specforge_trainer_accuracy",
             "Draft top-1 accuracy per drafted position over the last log window (0..1)",

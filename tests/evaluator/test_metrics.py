@@ -14,6 +14,7 @@ import pytest
 from specforge_common.contracts import EvalResult, EvalSpec
 from specforge_common.featurestore import open_store
 from specforge_common.targets import make_tiny_target
+from specforge_evaluator.metrics import EvaluatorMetrics
 from specforge_evaluator.service import DURABLE, Evaluator
 from tests.evaluator import build_draft, publish_checkpoint, read_stream, vocab_map_of_run
 from tests.evaluator.test_command import start
@@ -30,6 +31,14 @@ def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def evaluated(samples, run_id: str) -> float:
     return value(samples, "specforge_eval_checkpoints_total", run=run_id, outcome="evaluated")
+
+
+def test_before_any_result_the_result_gauges_read_nan() -> None:
+    registry = EvaluatorMetrics("r").registry
+    for name in ("checkpoint_step", "lossless", "speedup", "serving_acceptance_length"):
+        assert math.isnan(registry.get_sample_value(f"specforge_eval_{name}", {"run": "r"}))
+    labels = {"run": "r", "outcome": "evaluated"}
+    assert registry.get_sample_value("specforge_eval_checkpoints_total", labels) == 0
 
 
 async def test_a_served_evaluator_exports_the_last_result_and_its_lag(

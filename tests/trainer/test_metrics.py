@@ -30,6 +30,8 @@ async def test_a_served_trainer_exports_its_log_window_step_times_and_lag(
     endpoint = trainer.metrics.serve(0)
     assert endpoint is not None
     try:
+        before = await ascrape(endpoint.url)
+        assert math.isnan(value(before, "specforge_trainer_loss", run=run_id))  # none logged yet
         result = await trainer.run()
         samples = await ascrape(endpoint.url)
     finally:

@@ -45,12 +45,11 @@ T = TypeVar("T")
 def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
     """``--metrics-port`` / ``--metrics-host``, defaulting to the ``SPECFORGE_METRICS_*`` env."""
     env = os.environ.get
-    port = env(PORT_ENV, "").strip()
     group = parser.add_argument_group("Prometheus metrics (flags override SPECFORGE_METRICS_* env)")
     group.add_argument(
         "--metrics-port",
-        type=int,
-        default=int(port) if port else None,
+        type=int,  # applied to the env's string too, so a bad value is a usage error
+        default=env(PORT_ENV) or None,
         metavar="PORT",
         help=f"serve Prometheus metrics on this port; 0 picks a free one (env {PORT_ENV}; "
         "default: off)",

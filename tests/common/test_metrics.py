@@ -52,6 +52,17 @@ def test_the_env_supplies_defaults_and_flags_override_it(monkeypatch: pytest.Mon
     assert (args.metrics_port, args.metrics_host) == (0, "127.0.0.1")
 
 
+def test_a_bad_env_port_is_a_usage_error_when_parsed_not_when_the_parser_is_built(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPECFORGE_METRICS_PORT", "nine")
+    parser = argparse.ArgumentParser()
+    add_metrics_arguments(parser)  # building the parser (as `specforge status` does) is fine
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+    assert "--metrics-port: invalid int value: 'nine'" in capsys.readouterr().err
+
+
 def test_the_default_endpoint_listens_on_loopback_only() -> None:
     """127.0.0.2 is this machine too (all of 127/8 is loopback on Linux): a server bound to the
     wildcard answers there, one bound to 127.0.0.1 does not."""

@@ -29,11 +29,12 @@ from specforge_common.subjects import progress_key
 from .checkpoints import SavedCheckpoint
 from .data import StreamBatch, StreamStats
 from .distributed import all_reduce_metrics, all_reduce_sum
-from .metrics import TrainerMetrics
 from .position import TrainingPosition
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
+
+    from .metrics import TrainerMetrics
 
 __all__ = ["LogWindow", "Telemetry", "TrainResult"]
 
@@ -88,16 +89,15 @@ class Telemetry:
 
     def __init__(self, bus: Bus, spec: RunSpec, spec_hash: str, rank: int, world_size: int,
                  log: FilteringBoundLogger, empty_metrics: StrategyMetrics,
-                 metrics: TrainerMetrics | None = None) -> None:  # fmt: skip
+                 metrics: TrainerMetrics) -> None:  # fmt: skip
         self.bus, self.spec, self.spec_hash, self.log = bus, spec, spec_hash, log
-        self.metrics = metrics or TrainerMetrics(spec.run_id)
-        self._step_mark: float | None = None  # when the last optimizer step ended
-        self.empty_metrics = empty_metrics
+        self.empty_metrics, self.metrics = empty_metrics, metrics
         self.run_id, self.rank, self.world_size = spec.run_id, rank, world_size
         self.history: list[dict[str, float]] = []  # every logged entry
         self.latest_metrics: dict[str, float] = {}  # the last one (a resume: the checkpoint's)
         self._trained: StepLog | None = None
         self._metrics_log: StepLog | None = None
+        self._step_mark: float | None = None  # when the last optimizer step ended
 
     def new_window(self, wait_s: float) -> LogWindow:
         if self._step_mark is None:  # the first window: the first step's time starts here

@@ -4,7 +4,8 @@ Waits for the run's RunSpec in the KV bucket, loads the frozen target (``HFTarge
 the feature store the spec names, and runs a :class:`CaptureWorker` until SIGTERM/SIGINT (it
 finishes and acks the prompts it holds, then exits 0) or, with ``--exit-when-done``, until the
 prompt queue is drained and the end-of-split markers are published. Logs are JSON lines on
-stderr. Exit status: 0 done or stopped, 1 no spec / no broker / cannot load the target.
+stderr. ``--metrics-port`` serves its Prometheus metrics (``metrics.py``) while it runs. Exit
+status: 0 done or stopped, 1 no spec / no broker / cannot load the target.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 
 from specforge_common.bus import add_bus_arguments, bus_config_from_args, open_bus
+from specforge_common.metrics import add_metrics_arguments
 
 from .names import SERVICE
 
@@ -44,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait for the RunSpec before giving up (600)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_metrics_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -121,7 +124,8 @@ async def _main(args: argparse.Namespace) -> int:
         )
         if stop.is_set():
             worker.stop()
-        await worker.run()
+        with worker.metrics.served(args.metrics_port, args.metrics_host):
+            await worker.run()
         return 0
     finally:
         await bus.close()

@@ -23,6 +23,7 @@ from specforge_common.targets import TargetEngine
 
 from .failures import Failures
 from .ledger import CaptureStats
+from .metrics import CaptureMetrics
 from .prepare import (
     GenerationPrompt,
     Rejected,
@@ -47,12 +48,14 @@ class Decoder:
         *,
         failures: Failures,
         stats: CaptureStats,
+        metrics: CaptureMetrics,
         tokenizer: Any = None,
     ) -> None:
         self.spec = spec
         self.engine = engine
         self.failures = failures
         self.stats = stats
+        self.metrics = metrics
         self._tokenizer = tokenizer
 
     @property
@@ -87,7 +90,9 @@ class Decoder:
         groups = decode_groups(lengths, batch_size=capture.batch_size)
         for group in ([prompts[i] for i in indices] for indices in groups):
             try:
+                group_started = time.perf_counter()
                 generated = await asyncio.to_thread(self._generate, group)
+                self.metrics.forward(time.perf_counter() - group_started, mode="decode")
             except Exception as exc:
                 await self.failures.fail([d for d, _ in group], exc, stage="generate")
                 continue

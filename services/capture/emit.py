@@ -17,6 +17,7 @@ original (publishing there again would train it twice).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,6 +33,7 @@ from specforge_common.subjects import RunSubjects
 
 from .failures import Failures
 from .ledger import CaptureStats, Held
+from .metrics import CaptureMetrics
 from .prepare import Prepared
 
 # Each sample's (aux_hidden_states, hidden_states), its real tokens only, on the CPU.
@@ -56,6 +58,7 @@ class Emitter:
         log: Any,
         progress: Callable[[str], None],
         progress_every: int,
+        metrics: CaptureMetrics,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -71,6 +74,7 @@ class Emitter:
         self.log = log
         self.progress = progress
         self.progress_every = max(1, progress_every)
+        self.metrics = metrics
         self._queue: asyncio.Queue[tuple[list[Prepared], Features] | None] = asyncio.Queue(1)
 
     async def put(self, chunk: list[Prepared], rows: Features) -> None:
@@ -150,7 +154,10 @@ class Emitter:
             every = {"input_ids": ids, "loss_mask": mask, "aux_hidden_states": aux,
                      "hidden_states": hidden}  # fmt: skip
             tensors = {key: every[key] for key in self.keys}
+            started = time.perf_counter()
             location = self.store.put(p.sample_id, tensors)
+            self.metrics.store_write(time.perf_counter() - started)
+            self.stats.store_bytes += location.nbytes
             refs.append(
                 SampleRef(
                     sample_id=p.sample_id,

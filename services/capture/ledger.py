@@ -22,6 +22,7 @@ class CaptureStats:
     forwards: int = 0
     emitted: int = 0  # forwards whose samples were stored, published and acked
     tokens: int = 0  # real (unpadded) tokens captured
+    store_bytes: int = 0  # feature bytes written to the store
     padded_tokens: int = 0
     forward_s: float = 0.0
     generate_s: float = 0.0

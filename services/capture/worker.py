@@ -45,6 +45,7 @@ from specforge_common import faults
 from specforge_common.bus import Bus, Delivery, WorkConsumer, heartbeat
 from specforge_common.contracts import PromptTask, RunSpec
 from specforge_common.featurestore import FeatureStore
+from specforge_common.lag_metrics import LagSource
 from specforge_common.log import get_logger
 from specforge_common.subjects import RunSubjects
 from specforge_common.targets import TargetEngine, check_engine_layers
@@ -55,6 +56,7 @@ from .emit import Emitter, Features
 from .end_of_data import EndOfData
 from .failures import Failures
 from .ledger import CaptureStats, Held
+from .metrics import CaptureMetrics
 from .names import DURABLE, RECAPTURE_DURABLE, SERVICE
 from .prepare import (
     Prepared,
@@ -100,6 +102,8 @@ class CaptureWorker:
         check_engine_layers(spec, engine)
         self.subjects = RunSubjects(self.run_id)
         self.stats = CaptureStats()
+        # Always kept (cheap); served only when the command is given a metrics port.
+        self.metrics = CaptureMetrics(self.run_id)
         self.log = get_logger(service=SERVICE, run=self.run_id, producer=producer_id)
         capture = spec.capture
         self.gate = BackpressureGate(
@@ -122,11 +126,10 @@ class CaptureWorker:
             bus, store, run_id=self.run_id, spec_hash=self.spec_hash,
             method=spec.capture_method, producer_id=producer_id, stats=self.stats,
             held=self.held, failures=self.failures, log=self.log,
-            progress=self._log_progress, progress_every=progress_every,
+            progress=self._log_progress, progress_every=progress_every, metrics=self.metrics,
         )  # fmt: skip
-        self.decoder = Decoder(
-            spec, engine, failures=self.failures, stats=self.stats, tokenizer=tokenizer
-        )
+        self.decoder = Decoder(spec, engine, failures=self.failures, stats=self.stats,
+                               metrics=self.metrics, tokenizer=tokenizer)  # fmt: skip
         self.end = EndOfData(
             bus, run_id=self.run_id, spec_hash=self.spec_hash, producer_id=producer_id,
             stats=self.stats, log=self.log, progress=self._log_progress,
@@ -160,6 +163,7 @@ class CaptureWorker:
             # A missing tokenizer is a setup error: fail now, not on every prompt.
             _ = self.decoder.tokenizer
         self._started = time.monotonic()
+        self.metrics.watch(self.stats)
         self.log.info(
             "capture worker started",
             mode=capture.mode,
@@ -171,27 +175,32 @@ class CaptureWorker:
             device=str(self.engine.device),
             dtype=str(self.engine.dtype).removeprefix("torch."),
         )
-        try:
-            async with (
-                heartbeat(self.held, self._ack_wait),
-                self.failures.dead_lettering_given_up(),
-                self.emitter.running(),  # left first: settles what was captured
-            ):
-                leaving = asyncio.Event()
-                recapturer = asyncio.create_task(self._serve_recaptures(recaptures, leaving))
-                try:
-                    await self._serve_prompts(consumer)
-                finally:
-                    leaving.set()
-                    await recapturer  # returns within one fetch timeout (plus its batch)
-                    await recaptures.close()
-        finally:
+        lag = [
+            LagSource(self.run_id, "prompts", DURABLE),
+            LagSource(self.run_id, "prompts", RECAPTURE_DURABLE),
+        ]
+        async with self.metrics.polling_lag(self.bus, lag):  # refreshed after the last acks
             try:
-                await self.bus.flush()  # acks are fire-and-forget: get them out before exit
-            except Exception as exc:
-                self.log.warning("cannot flush the last acks", error=repr(exc))
-            await consumer.close()
-            self._log_progress("capture worker stopped")
+                async with (
+                    heartbeat(self.held, self._ack_wait),
+                    self.failures.dead_lettering_given_up(),
+                    self.emitter.running(),  # left first: settles what was captured
+                ):
+                    leaving = asyncio.Event()
+                    recapturer = asyncio.create_task(self._serve_recaptures(recaptures, leaving))
+                    try:
+                        await self._serve_prompts(consumer)
+                    finally:
+                        leaving.set()
+                        await recapturer  # returns within one fetch timeout (plus its batch)
+                        await recaptures.close()
+            finally:
+                try:
+                    await self.bus.flush()  # acks are fire-and-forget: get them out before exit
+                except Exception as exc:
+                    self.log.warning("cannot flush the last acks", error=repr(exc))
+                await consumer.close()
+                self._log_progress("capture worker stopped")
         return self.stats
 
     async def _serve_prompts(self, consumer: WorkConsumer[PromptTask]) -> None:
@@ -305,7 +314,9 @@ class CaptureWorker:
             ids, mask = right_padded([p.input_ids for p in chunk], self._pad_id)
             started = time.perf_counter()
             rows = await asyncio.to_thread(self._features, chunk, ids, mask)
-            self.stats.forward_s += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self.stats.forward_s += seconds
+            self.metrics.forward(seconds, mode="prefill")
         except Exception as exc:
             if len(chunk) > 1:
                 self.log.warning(

@@ -9,7 +9,7 @@ store it), reads the eval split, then evaluates every CheckpointEvent of the run
 0 done (stopped by SIGTERM/SIGINT, or the final checkpoint evaluated with ``--exit-when-final``),
 1 no run spec (or data run spec) within ``--spec-timeout`` or the final checkpoint was
 dead-lettered, 2 bad
-arguments.
+arguments. ``--metrics-port`` serves the service's Prometheus metrics (``metrics.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 
 from specforge_common.bus import BusError, add_bus_arguments, bus_config_from_args, open_bus
 from specforge_common.contracts import RunSpec
+from specforge_common.metrics import add_metrics_arguments
 from specforge_common.replayed import data_run_spec
 
 from . import standalone
@@ -42,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait for the run spec to appear on the bus (default 300)",
     )
     add_bus_arguments(parser)
+    add_metrics_arguments(parser)
     standalone.add_arguments(parser)
 
 
@@ -100,7 +102,8 @@ async def _evaluate(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, evaluator.stop)
         try:
-            report = await evaluator.run()
+            with evaluator.metrics.served(args.metrics_port, args.metrics_host):
+                report = await evaluator.run()
         except TrackingUnavailable as exc:
             log.error("evaluator cannot run", error=str(exc))
             print(f"specforge evaluate: {exc}", file=sys.stderr)

@@ -24,8 +24,9 @@ Lifecycle of one ``Evaluator``:
    as a warning and changes nothing else).
 
 Each published EvalResult also goes to the run's tracker (``spec.tracking``; ``scalars.py``)
-at the checkpoint's step. With ``exit_when_final`` the loop returns after settling the event
-with ``final=True``.
+at the checkpoint's step, and each settled event updates the Prometheus metrics
+(``metrics.py``; served by the command). With ``exit_when_final`` the loop returns after
+settling the event with ``final=True``.
 ``stop()`` (SIGTERM) finishes the current checkpoint and returns.
 """
 
@@ -58,6 +59,7 @@ from specforge_common.durable import sha256_file, write_atomic
 from specforge_common.eagle3 import CheckpointError
 from specforge_common.eagle3.layout import CONFIG_NAME, WEIGHTS_NAME
 from specforge_common.featurestore import FeatureStore, FeatureStoreError
+from specforge_common.lag_metrics import LagSource
 from specforge_common.log import get_logger
 from specforge_common.model_card import (
     CARD_NAME,
@@ -75,6 +77,7 @@ from specforge_common.subjects import RunSubjects
 from specforge_common.targets import load_embedding, load_lm_head
 from specforge_common.tracking import NullTracker, Tracker, open_tracker
 
+from .metrics import EvaluatorMetrics
 from .offline import evaluate_strategy
 from .scalars import eval_scalars
 from .serving import ServingEval, prompts_from_samples
@@ -246,6 +249,7 @@ class Evaluator:
         self.embedding: Tensor | None = None
         self.report = EvaluatorReport()
         self.tracker: Tracker = NullTracker()  # run() opens the run's
+        self.metrics = EvaluatorMetrics(self.run_id)  # served when the command is given a port
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -326,22 +330,24 @@ class Evaluator:
             self.run_id, "checkpoints", DURABLE, CheckpointEvent, service=SERVICE
         )
         self.log.info("consuming checkpoint events", durable=DURABLE)
-        try:
-            if self.exit_when_final and await self._final_already_settled():
-                self.log.info("the final checkpoint was already evaluated; nothing to do")
-                return self.report
-            while not self._stop.is_set():
-                for delivery in await consumer.fetch(batch=1, timeout=self.fetch_timeout):
-                    final = await self.handle(delivery)
-                    if final and self.exit_when_final:
-                        self.log.info(
-                            "final checkpoint settled; exiting",
-                            step=self.report.final_step,
-                            evaluated=self.report.final_evaluated,
-                        )
-                        return self.report
-        finally:
-            await consumer.close()
+        lag = LagSource(self.run_id, "checkpoints", DURABLE)
+        async with self.metrics.polling_lag(self.bus, [lag]):
+            try:
+                if self.exit_when_final and await self._final_already_settled():
+                    self.log.info("the final checkpoint was already evaluated; nothing to do")
+                    return self.report
+                while not self._stop.is_set():
+                    for delivery in await consumer.fetch(batch=1, timeout=self.fetch_timeout):
+                        final = await self.handle(delivery)
+                        if final and self.exit_when_final:
+                            self.log.info(
+                                "final checkpoint settled; exiting",
+                                step=self.report.final_step,
+                                evaluated=self.report.final_evaluated,
+                            )
+                            return self.report
+            finally:
+                await consumer.close()
         self.log.info("stopped", evaluated=len(self.report.evaluated))
         return self.report
 
@@ -360,6 +366,7 @@ class Evaluator:
             )
             await delivery.dead_letter(str(exc), SERVICE)
             self.report.dead_lettered.append(event.step)
+            self.metrics.dead_lettered()
         else:
             # the card first: a reader of the EvalResult finds it filled in (failures only log)
             faults.point("evaluator.mid_eval")  # evaluated, nothing published or acked
@@ -370,6 +377,7 @@ class Evaluator:
             await delivery.ack_sync()
             self.tracker.log_scalars(event.step, eval_scalars(result))
             self.report.evaluated.append(event.step)
+            self.metrics.evaluated(result)
             if event.final:
                 self.report.final_evaluated = True
         if event.final:

@@ -13,7 +13,8 @@ rank on ``cuda:<LOCAL_RANK>``); see ``specforge_trainer.distributed`` and the tr
 replicating them (DDP), for drafts too large to replicate; checkpoints are the same either way,
 but a run resumes only under the parallelism it started with.
 Spell the run ``--run-id R`` there: torchrun's own parser takes ``--run`` for an abbreviation
-of its ``--run-path`` and refuses it as ambiguous.
+of its ``--run-path`` and refuses it as ambiguous. ``--metrics-port`` serves the trainer's
+Prometheus metrics (``metrics.py``) from rank 0 only: its numbers are already the ranks' sums.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import signal
 import sys
 
 from specforge_common.bus import add_bus_arguments, bus_config_from_args, open_bus
+from specforge_common.metrics import add_metrics_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="multi-rank: shard parameters and optimizer state (FSDP2) instead of DDP",
     )
     add_bus_arguments(parser)
+    add_metrics_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -116,7 +119,9 @@ async def run_trainer(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, trainer.request_stop)
         try:
-            result = await trainer.run()
+            port = args.metrics_port if env.rank == 0 else None
+            with trainer.metrics.served(port, args.metrics_host):
+                result = await trainer.run()
         except TrainerError as exc:
             log.error("trainer cannot run", error=str(exc))
             print(f"specforge train: {exc}", file=sys.stderr)

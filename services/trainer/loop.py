@@ -43,6 +43,7 @@ from specforge_common.aio import cancel_and_wait
 from specforge_common.batch import TrainBatch, feature_keys
 from specforge_common.bus import Bus
 from specforge_common.contracts import RunSpec
+from specforge_common.lag_metrics import LagSource
 from specforge_common.log import get_logger
 from specforge_common.strategy import StrategyMetrics
 from specforge_common.tracking import TrackingUnavailable, require_backend
@@ -52,6 +53,7 @@ from .checkpointing import Checkpointer
 from .checkpoints import SavedCheckpoint
 from .data import BatchReader, SampleStream, StreamBatch, collate
 from .distributed import DistEnv, all_reduce_flags, all_reduce_sum
+from .metrics import TrainerMetrics
 from .position import TrainingPosition
 from .telemetry import Telemetry, TrainResult
 
@@ -98,6 +100,8 @@ class Trainer:
         # Epochs after the first read a complete log: capture is done and its cores are free.
         self.threads_after_capture = threads_after_capture
         self.log = get_logger(service=SERVICE, run=run_id, rank=rank)
+        # Always kept (cheap); served when the command is given a metrics port (rank 0 only).
+        self.metrics = TrainerMetrics(run_id)
         self._stop = asyncio.Event()
         self._ready = False
 
@@ -132,7 +136,7 @@ class Trainer:
         self.position = TrainingPosition()
         self.telemetry = Telemetry(self.bus, self.spec, self.parts.spec_hash, self.rank,
                                    self.world_size, self.log,
-                                   self.parts.strategy.empty_metrics())  # fmt: skip
+                                   self.parts.strategy.empty_metrics(), self.metrics)  # fmt: skip
         self._window_weight: torch.Tensor | None = None  # weighted losses: this window's sum
         self.checkpointer = Checkpointer(self.bus, self.parts, self.telemetry, rank=self.rank,
                                          world_size=self.world_size, parallel=self.parallel,
@@ -177,7 +181,9 @@ class Trainer:
         capped = train.total_steps is not None
         final: SavedCheckpoint | None = None
         started, total_compute, tokens_total = time.perf_counter(), 0.0, 0
-        async with stream:
+        # An ordered reader: its lag is the samples stream's end minus what the weights have seen.
+        lag = LagSource(parts.data_run, "samples", SERVICE, lambda: self.position.last_sequence)
+        async with stream, self.metrics.polling_lag(self.bus, [lag]):
             if capped and position.global_step >= parts.total_steps:
                 batch = None  # resumed at the step cap: only the final checkpoint is missing
             else:

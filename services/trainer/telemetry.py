@@ -1,8 +1,9 @@
 """What a trainer reports besides checkpoints: log lines, step logs, progress, its result.
 
 Every ``log_every`` optimizer steps (and at the end) one JSON log line of the window's metrics,
-summed over the ranks before any ratio is taken (a collective), and a ``TrainerProgress`` per
-rank in the KV bucket (capture reads it for backpressure).
+summed over the ranks before any ratio is taken (a collective), the same numbers as Prometheus
+gauges (``metrics.py``), and a ``TrainerProgress`` per rank in the KV bucket (capture reads it
+for backpressure). Each optimizer step's wall time goes to the step-time histogram.
 
 Step logs (``specforge_common.step_log``): every optimizer step appends ``{"step", "epoch",
 "rank", "seqs", "samples"}`` to ``<output_dir>/<run>/trained_samples.jsonl`` (rank > 0:
@@ -37,6 +38,8 @@ from .position import TrainingPosition
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
+
+    from .metrics import TrainerMetrics
 
 __all__ = ["LogWindow", "Telemetry", "TrainResult", "train_scalars"]
 
@@ -103,17 +106,21 @@ class Telemetry:
     """One rank's log lines, step logs, progress records and result for one ``Trainer.run``."""
 
     def __init__(self, bus: Bus, spec: RunSpec, spec_hash: str, rank: int, world_size: int,
-                 log: FilteringBoundLogger, empty_metrics: StrategyMetrics) -> None:  # fmt: skip
+                 log: FilteringBoundLogger, empty_metrics: StrategyMetrics,
+                 metrics: TrainerMetrics) -> None:  # fmt: skip
         self.bus, self.spec, self.spec_hash, self.log = bus, spec, spec_hash, log
-        self.empty_metrics = empty_metrics
+        self.empty_metrics, self.metrics = empty_metrics, metrics
         self.run_id, self.rank, self.world_size = spec.run_id, rank, world_size
         self.history: list[dict[str, float]] = []  # every logged entry
         self.latest_metrics: dict[str, float] = {}  # the last one (a resume: the checkpoint's)
         self._trained: StepLog | None = None
         self._metrics_log: StepLog | None = None
         self._tracker: Tracker = NullTracker()
+        self._step_mark: float | None = None  # when the last optimizer step ended
 
     def new_window(self, wait_s: float) -> LogWindow:
+        if self._step_mark is None:  # the first window: the first step's time starts here
+            self._step_mark = time.perf_counter()
         return LogWindow(self.empty_metrics.zero(), wait_mark=wait_s)
 
     def open_step_logs(self, keep_through: int | None) -> None:
@@ -147,8 +154,13 @@ class Telemetry:
                 log.sync()
 
     def record_trained(self, position: TrainingPosition, batches: list[StreamBatch]) -> None:
-        """The trained-samples entry of the optimizer step ``position`` has just taken."""
+        """The trained-samples entry of the optimizer step ``position`` has just taken (and
+        the step's wall time, for the step-time histogram)."""
         assert self._trained is not None, "open_step_logs first"
+        now = time.perf_counter()
+        if self._step_mark is not None:
+            self.metrics.optimizer_step(now - self._step_mark)
+        self._step_mark = now
         samples = [s for b in batches for s in b.samples]
         self._trained.append({"step": position.global_step, "epoch": position.epoch,
                               "rank": self.rank, "seqs": [s.seq for s in samples],
@@ -187,6 +199,7 @@ class Telemetry:
                                       **{k: v for k, v in entry.items()
                                          if k not in ("step", "epoch")}})  # fmt: skip
         self._tracker.log_scalars(position.global_step, train_scalars(entry))
+        self.metrics.window(entry, position.samples_consumed)
         self.history.append(entry)
         self.latest_metrics = entry
         return entry

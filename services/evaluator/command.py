@@ -77,6 +77,7 @@ async def _evaluate(args: argparse.Namespace) -> int:
         import torch
 
         from specforge_common.featurestore import open_store
+        from specforge_common.progress import ProgressBar
 
         from .service import Evaluator
 
@@ -98,7 +99,8 @@ async def _evaluate(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, evaluator.stop)
         try:
-            report = await evaluator.run()
+            with ProgressBar("evaluate", evaluator.report.figures):
+                report = await evaluator.run()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

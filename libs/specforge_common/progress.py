@@ -81,21 +81,28 @@ def lead_of(figures: Sequence[Figure]) -> Figure | None:
 
 def render(title: str, figures: Sequence[Figure], rate: float | None, width: int) -> str:
     """The bar's text (no control characters), at most ``width - 1`` characters long (a full
-    last column would wrap on some terminals and ``\\r`` would no longer reach the bar)."""
+    last column would wrap on some terminals and ``\\r`` would no longer reach the bar). Where
+    it does not fit, the figures other than the lead go first, from the last; rate and ETA stay.
+    """
     lead = lead_of(figures)
-    parts = [title]
+    head = [title]
     if lead is not None and lead.total and lead.value is not None:
         done = min(1.0, max(0.0, lead.value / lead.total))
         filled = round(done * BAR_CELLS)
-        parts.append(f"[{'#' * filled}{'-' * (BAR_CELLS - filled)}] {done:4.0%}")
-    parts.extend(f.text() for f in figures if f.value is not None)
+        head.append(f"[{'#' * filled}{'-' * (BAR_CELLS - filled)}] {done:4.0%}")
+    shown = [f for f in figures if f.value is not None]
+    tail = []
     if lead is not None and rate is not None:
-        parts.append(f"{rate:.2f} {lead.label}/s")
+        tail.append(f"{rate:.2f} {lead.label}/s")
         if lead.total and lead.value is not None and lead.value < lead.total:
             eta = (lead.total - lead.value) / rate if rate > 0 else None
-            parts.append(f"ETA {_duration(eta)}")
-    line = " | ".join(parts)
-    return line[: max(0, width - 1)]
+            tail.append(f"ETA {_duration(eta)}")
+    limit = max(0, width - 1)
+    line = " | ".join([*head, *(f.text() for f in shown), *tail])
+    while len(line) > limit and any(f is not lead for f in shown):
+        shown.remove(next(f for f in reversed(shown) if f is not lead))
+        line = " | ".join([*head, *(f.text() for f in shown), *tail])
+    return line[:limit]
 
 
 def _duration(seconds: float | None) -> str:

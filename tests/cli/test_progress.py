@@ -3,11 +3,14 @@ numbers on the terminal, plain log lines without a single control character ever
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 import tty
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +46,7 @@ def on_a_terminal(command: list[str], timeout: float = 300) -> tuple[int, str]:
     """Run with stdout and stderr on a real pseudo-terminal: (exit code, what it showed)."""
     master, slave = pty.openpty()
     tty.setraw(slave)  # no "\n" -> "\r\n": every "\r" read back was written by the command
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # rows, columns
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
                                env=environment())  # fmt: skip
     os.close(slave)

@@ -76,6 +76,9 @@ def test_render_shows_the_numbers_the_rate_and_the_eta() -> None:
     assert "dead-lettered" not in line  # None: not shown
     assert "0.50 step/s" in line and "ETA 0:30" in line  # 15 steps left at 0.5/s
     assert "\r" not in line and "\x1b" not in line
+    narrow = render("train", FIGURES, rate=0.5, width=110)  # the other figures make room,
+    assert len(narrow) <= 109 and "step 5/20" in narrow and narrow.endswith("ETA 0:30")
+    assert "accept-len" not in narrow and "prompts 12/48 | trained 40" in narrow  # the last first
     assert len(render("train", FIGURES, rate=0.5, width=40)) == 39  # never wraps
     stalled = render("train", FIGURES, rate=0.0, width=200)
     assert "ETA --" in stalled

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
+
+from .progress import flush_above, write_above
 
 Style = Literal["json", "console"]
 
@@ -20,13 +22,14 @@ _configured: Style | None = None
 
 class _CurrentStderr:
     """Whatever ``sys.stderr`` is when a line is written, not when logging was configured (a
-    test harness or a daemonizing wrapper may swap it; a stale handle would be closed)."""
+    test harness or a daemonizing wrapper may swap it; a stale handle would be closed). The one
+    writer of log lines, so a live progress bar (``progress``) steps aside for each of them."""
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        return write_above(sys.stderr, text)
 
     def flush(self) -> None:
-        sys.stderr.flush()
+        flush_above(sys.stderr)
 
 
 def configure_logging(style: Style | None = None, level: str | None = None) -> None:
@@ -60,7 +63,8 @@ def configure_logging(style: Style | None = None, level: str | None = None) -> N
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+    stdlib_stream: Any = _CurrentStderr()  # stdlib warnings: the same writer
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=stdlib_stream, force=True)
     _configured = style
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from specforge_common.bus import add_bus_arguments, bus_config_from_args, open_bus
+from specforge_common.bus import Bus, add_bus_arguments, bus_config_from_args, open_bus
 from specforge_common.metrics import add_metrics_arguments
 
 from .names import SERVICE
@@ -100,6 +100,7 @@ async def _main(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         from specforge_common.featurestore import open_store
+        from specforge_common.progress import ProgressBar
         from specforge_common.targets import HFTargetEngine
 
         from .worker import CaptureWorker
@@ -124,8 +125,24 @@ async def _main(args: argparse.Namespace) -> int:
         )
         if stop.is_set():
             worker.stop()
-        with worker.metrics.served(args.metrics_port, args.metrics_host):
+        total = await _prompts_total(bus, args.run)
+        with (
+            worker.metrics.served(args.metrics_port, args.metrics_host),
+            ProgressBar("capture", lambda: worker.stats.figures(total)),
+        ):
             await worker.run()
         return 0
     finally:
         await bus.close()
+
+
+async def _prompts_total(bus: Bus, run_id: str) -> int | None:
+    """The run's prompts, if its enqueue is complete (for the progress bar; never fails)."""
+    from specforge_common.contracts import EnqueueSummary
+    from specforge_common.subjects import enqueue_key
+
+    try:
+        summary = await bus.get_record(enqueue_key(run_id), EnqueueSummary)
+    except Exception:
+        return None
+    return None if summary is None else summary.train + summary.eval

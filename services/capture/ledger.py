@@ -9,6 +9,7 @@ from typing import Any
 
 from specforge_common.bus import Delivery
 from specforge_common.contracts import SPLITS, PromptTask
+from specforge_common.progress import Figure
 
 
 @dataclass
@@ -42,6 +43,15 @@ class CaptureStats:
             "forwards": self.forwards,
             "tokens": self.tokens,
         }
+
+    def figures(self, prompts_total: int | None = None) -> list[Figure]:
+        """What a live progress bar shows of this worker; ``prompts_total``: the run's prompts
+        (shared by every worker of the run), when known."""
+        return [
+            Figure("prompts", self.prompts_captured, total=prompts_total, lead=True),
+            Figure("tokens", self.tokens),
+            Figure("dead-lettered", self.dead_lettered or None),
+        ]
 
 
 class Held:

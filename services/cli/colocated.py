@@ -48,7 +48,7 @@ async def run_colocated(args: argparse.Namespace, spec: RunSpec, workdir: Path) 
         }  # fmt: skip
         services = [TaskService(name, asyncio.create_task(job, name=name))
                     for name, job in jobs.items()]  # fmt: skip
-        watcher = RunWatcher(bus, spec, services, poll_s=0.5)
+        watcher = RunWatcher(bus, spec, services, poll_s=0.5, enqueued=report)
         ok = await watcher.watch()
         await watcher.write_report()
         watcher.print_summary(workdir)

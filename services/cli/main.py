@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable
 
@@ -61,6 +62,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Commands that show a live progress bar on a terminal (``specforge_common.progress``).
+PROGRESS_COMMANDS = ("run", "capture", "train", "replay", "evaluate")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., int]]]:
     parser = argparse.ArgumentParser(
         prog="specforge",
@@ -73,8 +78,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., int
         command = sub.add_parser(name, help=help_text, description=help_text)
         module = importlib.import_module(module_name)
         module.add_arguments(command)
+        if name in PROGRESS_COMMANDS:
+            command.add_argument("--no-progress", action="store_true",
+                                 help="no live progress bar, even on a terminal "
+                                 "(also: SPECFORGE_PROGRESS=0)")  # fmt: skip
         mains[name] = module.main
     return parser, mains
+
+
+def progress_environment(args: argparse.Namespace) -> None:
+    """``--no-progress`` holds for this command and the services it starts (they inherit the
+    environment). The live bar is the only progress drawn, and only on a terminal: no tqdm bars
+    from the Hugging Face libraries, which would put ``\\r`` into log files and garble the bar."""
+    from specforge_common.progress import PROGRESS_ENV
+
+    if getattr(args, "no_progress", False):
+        os.environ[PROGRESS_ENV] = "0"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from specforge_common.log import configure_logging
 
+    progress_environment(args)
     configure_logging("console")
     try:
         return mains[args.command](args)

@@ -102,7 +102,7 @@ async def _run_services(args: argparse.Namespace, spec: RunSpec, workdir: Path) 
                      skipped=len(report.skipped), duplicates=report.duplicates)  # fmt: skip
             env = {**os.environ, "SPECFORGE_LOG_FORMAT": "json"}
             processes = spawn_services(args, run_id, workdir / "logs", env)
-            watcher = RunWatcher(bus, spec, processes)
+            watcher = RunWatcher(bus, spec, processes, enqueued=report)
             ok = await watcher.watch()
             await watcher.write_report()
             watcher.print_summary(workdir)

@@ -1,6 +1,7 @@
 """Where a ``specforge run`` stands, read from the bus as any other terminal would, and the
 services it started: OS processes (``specforge run``) or tasks of this process (``--colocated``),
-watched the same way — progress lines until all are done, the rest stopped on the first failure.
+watched the same way — progress until all are done (a live bar on a terminal, log lines
+elsewhere), the rest stopped on the first failure.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from specforge_common.bus import Bus
-from specforge_common.contracts import EvalResult, RunSpec, TrainerProgress
+from specforge_common.contracts import EvalResult, RunSpec, TrainerProgress, TrainSpec
 from specforge_common.log import get_logger
+from specforge_common.progress import Figure, ProgressBar
 from specforge_common.subjects import progress_key
 from specforge_trainer.checkpoints import LATEST_NAME, checkpoints_root
+from specforge_trainer.schedule import total_optimizer_steps
+
+if TYPE_CHECKING:
+    from specforge_common.data.enqueue import EnqueueReport
 
 log = get_logger(command="run")
 
@@ -110,18 +116,64 @@ def spawn_services(
     return services
 
 
+@dataclass(frozen=True)
+class RunStatus:
+    """Where a run stands, as one look at the bus saw it."""
+
+    prompts_left: int
+    samples: int
+    progress: TrainerProgress | None
+    latest: EvalResult | None
+
+    def line(self) -> str:
+        parts = [f"prompts left {self.prompts_left}", f"samples {self.samples}"]
+        if self.progress is not None:
+            p = self.progress
+            parts.append(f"step {p.step} ({p.samples_consumed} samples)")
+        if self.latest is not None:
+            sim = self.latest.simulated_acceptance_length
+            parts.append(f"eval@{self.latest.step} sim-accept-len {sim:.3f}" if sim is not None
+                         else f"eval@{self.latest.step}")  # fmt: skip
+        return " | ".join(parts)
+
+    def figures(self, enqueued: EnqueueReport | None, train: TrainSpec) -> list[Figure]:
+        """The progress bar's figures; totals come from what was enqueued (the trainer's own
+        step count is computed from the same numbers)."""
+        p, latest = self.progress, self.latest
+        if enqueued is not None:
+            total = enqueued.train + enqueued.eval
+            prompts = Figure("prompts", max(0, total - self.prompts_left), total=total)
+            steps_total: int | None = total_optimizer_steps(train, enqueued.train)
+        else:
+            prompts, steps_total = Figure("prompts left", self.prompts_left), None
+        accept = None if latest is None else latest.simulated_acceptance_length
+        return [
+            prompts,
+            Figure("trained", None if p is None else p.samples_consumed),
+            Figure("step", None if p is None else p.step, total=steps_total, lead=True),
+            Figure("accept-len", accept, digits=2),
+        ]
+
+
 @dataclass
 class RunWatcher:
     bus: Bus
     spec: RunSpec
     services: list[Service]
     poll_s: float = 2.0
+    enqueued: EnqueueReport | None = None  # gives the bar its totals
     evals: list[EvalResult] = field(default_factory=list)
     progress: TrainerProgress | None = None
+    status: RunStatus | None = None
     report: Path | None = None
 
     async def watch(self) -> bool:
-        """Progress lines until every service is done; False (the rest stopped) on a failure."""
+        """Progress until every service is done (a live bar on a terminal, else a log line per
+        change); False (the rest stopped) on a failure."""
+        with ProgressBar(f"run {self.spec.run_id}", self.figures) as bar:
+            return await self._watch(bar)
+
+    async def _watch(self, bar: ProgressBar) -> bool:
         last_line = ""
         while True:
             failed = [s for s in self.services if s.exit_code() not in (None, 0)]
@@ -131,7 +183,7 @@ class RunWatcher:
                 await asyncio.gather(*(s.stop() for s in self.services))
                 return False
             line = await self.status_line()
-            if line != last_line:
+            if line != last_line and not bar.active:
                 log.info(line)
                 last_line = line
             if all(s.exit_code() == 0 for s in self.services):
@@ -146,15 +198,13 @@ class RunWatcher:
         samples = await self.bus.stream_depth(run, "samples")
         self.progress = await self.bus.get_record(progress_key(run, 0), TrainerProgress)
         latest = await self.bus.last_record(run, "evals", EvalResult)
-        parts = [f"prompts left {prompts}", f"samples {samples}"]
-        if self.progress is not None:
-            p = self.progress
-            parts.append(f"step {p.step} ({p.samples_consumed} samples)")
-        if latest is not None:
-            sim = latest.simulated_acceptance_length
-            parts.append(f"eval@{latest.step} sim-accept-len {sim:.3f}" if sim is not None
-                         else f"eval@{latest.step}")  # fmt: skip
-        return " | ".join(parts)
+        self.status = RunStatus(prompts, samples, self.progress, latest)
+        return self.status.line()
+
+    def figures(self) -> list[Figure]:
+        """The bar's figures, from the last look at the bus (called from the bar's thread)."""
+        status = self.status
+        return [] if status is None else status.figures(self.enqueued, self.spec.train)
 
     async def read_evals(self) -> None:
         run = self.spec.run_id

@@ -80,6 +80,7 @@ async def _evaluate(args: argparse.Namespace) -> int:
         import torch
 
         from specforge_common.featurestore import open_store
+        from specforge_common.progress import ProgressBar
         from specforge_common.tracking import TrackingUnavailable
 
         from .service import Evaluator
@@ -102,7 +103,10 @@ async def _evaluate(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, evaluator.stop)
         try:
-            with evaluator.metrics.served(args.metrics_port, args.metrics_host):
+            with (
+                evaluator.metrics.served(args.metrics_port, args.metrics_host),
+                ProgressBar("evaluate", evaluator.report.figures),
+            ):
                 report = await evaluator.run()
         except TrackingUnavailable as exc:
             log.error("evaluator cannot run", error=str(exc))

@@ -70,6 +70,7 @@ from specforge_common.model_card import (
 )
 from specforge_common.models import DraftModel
 from specforge_common.models.dflash import DFlashDraft
+from specforge_common.progress import Figure
 from specforge_common.replayed import data_run_spec
 from specforge_common.strategies import STRATEGIES
 from specforge_common.strategy import StrategyMetrics
@@ -111,6 +112,21 @@ class EvaluatorReport:
     dead_lettered: list[int] = field(default_factory=list)  # steps of rejected events
     final_step: int | None = None  # step of the final event, once settled
     final_evaluated: bool = False
+    latest: EvalResult | None = None  # the last result published
+
+    def figures(self) -> list[Figure]:
+        """What a live progress bar shows (the number of checkpoints is not known ahead)."""
+        latest = self.latest
+        return [
+            Figure("evaluated", len(self.evaluated)),
+            Figure("last step", None if latest is None else latest.step),
+            Figure(
+                "accept-len",
+                None if latest is None else latest.simulated_acceptance_length,
+                digits=2,
+            ),  # fmt: skip
+            Figure("dead-lettered", len(self.dead_lettered) or None),
+        ]
 
 
 def checkpoint_dir(uri: str) -> Path:
@@ -378,6 +394,7 @@ class Evaluator:
             self.tracker.log_scalars(event.step, eval_scalars(result))
             self.report.evaluated.append(event.step)
             self.metrics.evaluated(result)
+            self.report.latest = result
             if event.final:
                 self.report.final_evaluated = True
         if event.final:

@@ -79,10 +79,13 @@ def main(args: argparse.Namespace) -> int:
 
 async def run_trainer(args: argparse.Namespace) -> int:
     """The trainer as the command runs it (``replay`` too): its exit status."""
+    from contextlib import nullcontext
+
     import torch
 
     from specforge_common.bus import BusError
     from specforge_common.log import bind_context, get_logger
+    from specforge_common.progress import ProgressBar
 
     from .distributed import DistEnv, destroy_process_group
     from .loop import Trainer, TrainerError
@@ -118,9 +121,10 @@ async def run_trainer(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, trainer.request_stop)
+        bar = ProgressBar("train", trainer.progress_figures) if env.rank == 0 else nullcontext()
         try:
             port = args.metrics_port if env.rank == 0 else None
-            with trainer.metrics.served(port, args.metrics_host):
+            with trainer.metrics.served(port, args.metrics_host), bar:
                 result = await trainer.run()
         except TrainerError as exc:
             log.error("trainer cannot run", error=str(exc))

@@ -45,6 +45,7 @@ from specforge_common.bus import Bus
 from specforge_common.contracts import RunSpec
 from specforge_common.lag_metrics import LagSource
 from specforge_common.log import get_logger
+from specforge_common.progress import Figure
 from specforge_common.strategy import StrategyMetrics
 from specforge_common.tracking import TrackingUnavailable, require_backend
 
@@ -114,6 +115,18 @@ class Trainer:
         if not self._stop.is_set():
             self.log.warning("stop requested: checkpointing at the current step")
         self._stop.set()
+
+    def progress_figures(self) -> list[Figure]:
+        """What a live progress bar shows of this rank (read from the bar's thread)."""
+        position, telemetry = getattr(self, "position", None), getattr(self, "telemetry", None)
+        if not self._ready or position is None:
+            return []
+        accept = telemetry.latest_metrics.get("simulated_acc_len") if telemetry else None
+        return [
+            Figure("trained", position.samples_consumed),
+            Figure("step", position.global_step, total=self.parts.total_steps, lead=True),
+            Figure("accept-len (train)", accept, digits=2),
+        ]
 
     async def setup(self) -> None:
         """Read the run and build the draft (``run`` calls it; a second call does nothing)."""

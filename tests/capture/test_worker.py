@@ -177,6 +177,8 @@ async def test_every_prompt_becomes_one_sample_with_the_target_features(
     # One marker per split, after every sample of it, counting this worker's samples.
     assert sorted((e.split, e.samples_published) for e in ends) == [("eval", 3), ("train", 8)]
     assert stats.prompts_captured == 11 and stats.dead_lettered == 0 and stats.duplicates == 0
+    shown = {f.label: (f.value, f.total) for f in stats.figures(prompts_total=11)}
+    assert shown["prompts"] == (11, 11) and shown["dead-lettered"] == (None, None)
     # max_batch_tokens=96 with rows of up to 40 tokens: never more than 96 padded tokens.
     assert stats.forwards >= 4 and stats.padded_tokens <= stats.forwards * 96
 

@@ -92,6 +92,9 @@ async def test_evaluates_each_checkpoint_and_exits_after_the_final_one(
         assert r.metrics["eval/acc_0"] == r.acceptance_rates[0]
     assert last.acceptance_rates[0] > first.acceptance_rates[0]
     assert last.simulated_acceptance_length > first.simulated_acceptance_length
+    shown = {f.label: f.value for f in report.figures()}  # what a live progress bar shows
+    assert shown["evaluated"] == 2 and shown["last step"] == 8
+    assert shown["accept-len"] == last.simulated_acceptance_length
 
     # The published numbers are the offline metrics of the checkpoint as stored.
     stored = load_draft(trained.checkpoint_uri, embedding=load_embedding(target_dir))

@@ -134,6 +134,11 @@ async def test_training_learns_and_publishes_checkpoints_events_and_progress(
     assert progress.done and progress.step == 24 and progress.samples_consumed == 48
     assert progress.last_sequence == last_train_seq
 
+    # What a live progress bar shows: the counters above, of the total the schedule planned.
+    figures = {f.label: f for f in trainer.progress_figures()}
+    assert (figures["step"].value, figures["step"].total, figures["trained"].value) == (24, 24, 48)
+    assert figures["accept-len (train)"].value == result.history[-1]["simulated_acc_len"]
+
 
 async def test_same_stream_and_seed_give_identical_weights(
     bus: Bus, run_id: str, target: Path, tmp_path: Path

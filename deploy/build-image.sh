@@ -28,7 +28,7 @@ if [ -z "$base" ]; then
       root="$(mktemp -d)"
       trap 'rm -rf "$root"' EXIT
       log "no registry reachable: building $base with debootstrap from $mirror (~2 min)"
-      debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libibverbs1,tini \
+      debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libibverbs1,libcurl4,libnuma1,tini \
         bookworm "$root" "$mirror" >/dev/null
       tar -C "$root" -c . | docker import - "$base" >/dev/null
     fi

@@ -122,21 +122,27 @@ max_new_tokens = 16
 class Stack:
     """One compose project (its own network and volumes), driven through the compose CLI."""
 
-    def __init__(self, workdir: Path, run: str) -> None:
+    def __init__(self, workdir: Path, run: str, *, profiles: tuple[str, ...] = (),
+                 store_uri: str = "") -> None:  # fmt: skip
         self.run = run
         self.project = f"sfct{uuid.uuid4().hex[:8]}"
         self.nats_port = _free_port()
-        self.env = os.environ | {
-            "RUN": run,
-            "TARGET": "tiny",
-            "NATS_PORT": str(self.nats_port),
-            "SPECFORGE_IMAGE": IMAGE,
-            "SPECFORGE_NATS_OPERATOR_PASSWORD": OPERATOR_PASSWORD,
-            "COMPOSE_TEST_DIR": str(workdir),
-        }
+        self.env = (
+            os.environ
+            | {
+                "RUN": run,
+                "TARGET": "tiny",
+                "NATS_PORT": str(self.nats_port),
+                "SPECFORGE_IMAGE": IMAGE,
+                "SPECFORGE_NATS_OPERATOR_PASSWORD": OPERATOR_PASSWORD,
+                "COMPOSE_TEST_DIR": str(workdir),
+            }
+            | ({"STORE_URI": store_uri} if store_uri else {})
+        )
         self.base = [*(_compose_command() or []), "-p", self.project,
                      "-f", str(ROOT / "deploy" / "compose.yaml"),
-                     "-f", str(ROOT / "tests" / "deploy" / "compose.test.yaml")]  # fmt: skip
+                     "-f", str(ROOT / "tests" / "deploy" / "compose.test.yaml"),
+                     *(arg for name in profiles for arg in ("--profile", name))]  # fmt: skip
 
     def compose(self, *args: str, timeout: float = 600) -> str:
         done = subprocess.run([*self.base, *args], env=self.env, capture_output=True,
@@ -207,7 +213,9 @@ async def _samples_seen(stack: Stack) -> int:
             return 0
 
 
-async def _check_complete(stack: Stack, prompt_ids: list[str], epochs: int) -> None:
+async def _check_complete(
+    stack: Stack, prompt_ids: list[str], epochs: int, store_scheme: str = "file://"
+) -> None:
     """Every prompt one SampleRef, nothing dead-lettered, a final checkpoint that trained every
     train sample ``epochs`` times, and an evaluation of every checkpoint."""
     async with await open_bus(stack.bus_config()) as bus:
@@ -222,6 +230,8 @@ async def _check_complete(stack: Stack, prompt_ids: list[str], epochs: int) -> N
         got = sorted(r.prompt_id for r in refs["train"] + refs["eval"])
         assert got == sorted(prompt_ids), "lost or duplicated prompts"
         assert len(refs["train"]) == summary.train
+        spec = await bus.get_run_spec(stack.run)
+        assert spec is not None and spec.store_uri.startswith(store_scheme)
         assert await bus.stream_depth(stack.run, "prompts") == 0
         assert await bus.stream_depth(stack.run, "dlq") == 0
 
@@ -286,3 +296,17 @@ def test_compose_stack_survives_killed_capture_and_trainer(image: str, tmp_path:
             f"pass 2: killed capture at {killed_capture_at:.0f} s, trainer at "
             f"{killed_trainer_at:.0f} s, completed in {time.monotonic() - started:.0f} s"
         )
+
+
+def test_compose_mooncake_profile_moves_samples_through_the_holder(
+    image: str, tmp_path: Path
+) -> None:
+    prompt_ids = _write_run(tmp_path, 24, epochs=2, capture="batch_size = 4")
+    with Stack(tmp_path, run="compose-mooncake", profiles=("mooncake",),
+               store_uri="mooncake://mooncake-master:50051") as stack:  # fmt: skip
+        started = time.monotonic()
+        stack.compose("up", "--detach", "--scale", "capture=2", timeout=900)
+        _wait("the final checkpoint's evaluation", lambda: _finished(stack), stack, 900)
+        asyncio.run(_check_complete(stack, prompt_ids, epochs=2, store_scheme="mooncake://"))
+        took = time.monotonic() - started
+        print(f"mooncake profile: stack up to its evaluated final checkpoint in {took:.0f} s")

@@ -81,7 +81,12 @@ ALGORITHMS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+# Domino runs DFlash's services path with a GRU on top: its run is in --runslow to keep make test
+# inside its time budget (tests/common/dflash/ and the block-decoding tests cover Domino itself).
+@pytest.mark.parametrize(
+    "algorithm",
+    [pytest.param(a, marks=pytest.mark.slow) if a == "domino" else a for a in sorted(ALGORITHMS)],
+)
 async def test_specforge_run_end_to_end(
     tmp_path: Path, tiny_target: Path, nats_server, bus: Bus, run_id: str, algorithm: str
 ) -> None:

@@ -5,8 +5,8 @@
 #   bash bench/gpu/check.sh --cpu-smoke   every part at tiny dims on the CPU (fp32, gloo)
 #
 # PYTHON picks the interpreter (default: python3; in smoke mode .venv/bin/python when present).
-# Carried wheels (bench/gpu/wheels/*.whl, made by bench/gpu/stage.sh) are installed into a
-# private site dir first. Results: bench/results/gpu.json (smoke: gpu-cpu-smoke.json; override
+# On the device the carried wheels (bench/gpu/wheels/*.whl, made by bench/gpu/stage.sh) are
+# installed into a private site dir first (GPU_CHECK_WHEELS=DIR: those, in smoke mode too). Results: bench/results/gpu.json (smoke: gpu-cpu-smoke.json; override
 # with GPU_CHECK_RESULTS), and $OUT/gpu.json + $OUT/check.log when $OUT is set (the device
 # tool). Exit status 0 only when every part finished and every enforced must-check passed.
 set -uo pipefail
@@ -34,9 +34,15 @@ run_check() {
   fi
   mkdir -p "$WORK/parts"
 
-  # Carried wheels: what the device image lacks (bench/gpu/wheels.txt), into a private site dir.
+  # Carried wheels: what the device image lacks (bench/gpu/wheels.txt), into a private site dir;
+  # on the device only, unless GPU_CHECK_WHEELS names a folder (a device-like CPU rehearsal).
   shopt -s nullglob
-  wheels=(bench/gpu/wheels/*.whl)
+  wheels=()
+  if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
+    wheels=("$GPU_CHECK_WHEELS"/*.whl)
+  elif [ "$SMOKE" = 0 ]; then
+    wheels=(bench/gpu/wheels/*.whl)
+  fi
   if [ "${#wheels[@]}" -gt 0 ]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$WORK/site" "${wheels[@]}" || { echo "installing the carried wheels failed"; exit 1; }

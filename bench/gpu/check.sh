@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu/check.sh               on a CUDA machine (device run: <= 8 min on an H200)
 #   bash bench/gpu/check.sh --cpu-smoke   every part at tiny dims on the CPU (fp32, gloo)
+#   ... --parts decode,distributed        only these parts
 #
 # PYTHON picks the interpreter (default: python3; in smoke mode .venv/bin/python when present).
 # On the device the carried wheels (bench/gpu/wheels/*.whl, made by bench/gpu/stage.sh) are
@@ -17,11 +18,15 @@ cd "$ROOT"
 
 SMOKE=0
 [ "${GPU_CHECK_SMOKE:-0}" = 1 ] && SMOKE=1
-for arg in "$@"; do
-  case "$arg" in
+ONLY=""  # --parts a,b: run only these (a rerun of what failed, inside what is left of a lease)
+while [ $# -gt 0 ]; do
+  case "$1" in
     --cpu-smoke) SMOKE=1 ;;
-    *) echo "usage: $0 [--cpu-smoke]" >&2; exit 2 ;;
+    --parts) ONLY="${2:-}"; shift ;;
+    *) echo "usage: $0 [--cpu-smoke] [--parts train_step,capture,decode,distributed,cuda_tests]" >&2
+       exit 2 ;;
   esac
+  shift
 done
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")"
@@ -84,6 +89,9 @@ run_check() {
   for entry in "${CAPS[@]}"; do
     part="${entry%%:*}"
     cap="${entry##*:}"
+    if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$part,"* ]]; then
+      continue
+    fi
     budget=$((cap - 20))
     echo
     echo "=== $part (cap ${cap} s) ==="
@@ -98,7 +106,9 @@ run_check() {
   outs=(--out "$RESULTS")
   [ -n "${OUT:-}" ] && outs+=(--out "$OUT/gpu.json")
   echo
-  "$PYTHON" -m bench.gpu.report --parts "$WORK/parts" --mode "$MODE" "${outs[@]}" "${codes[@]}"
+  [ -n "$ONLY" ] && outs+=(--select "$ONLY")
+  "$PYTHON" -m bench.gpu.report --parts "$WORK/parts" --mode "$MODE" "${outs[@]}" \
+    ${codes[@]+"${codes[@]}"}
 }
 
 if [ -n "${OUT:-}" ]; then

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import sys
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +72,7 @@ class Run:
         self.optimizer = adamw(self.params)
 
     def step(self, batch) -> float:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
-        with autocast:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):  # as the trainer
             loss, _metrics, _weight = self.compute(batch)
         loss.backward()
         clip(self.params)

@@ -2,8 +2,9 @@
 passed: every part finished and no enforced ``must`` failed (exit 0), else exit 1.
 
 ``python -m bench.gpu.report --parts DIR --mode device --out FILE [--out FILE ...]
-[--exit-code PART=CODE ...]``: ``DIR`` holds ``<part>.json``; the exit codes (``timeout``'s 124
-among them) come from ``check.sh``.
+[--exit-code PART=CODE ...] [--select PART,PART]``: ``DIR`` holds ``<part>.json``; the exit
+codes (``timeout``'s 124 among them) come from ``check.sh``; ``--select``: the parts that ran
+(default all), a part left out is not missing.
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ def load_part(parts: Path, name: str, exit_code: int | None) -> dict[str, Any]:
     return part
 
 
-def merge(parts_dir: Path, mode: str, exit_codes: dict[str, int]) -> dict[str, Any]:
-    parts = {name: load_part(parts_dir, name, exit_codes.get(name)) for name in PARTS}
+def merge(parts_dir: Path, mode: str, exit_codes: dict[str, int],
+          selected: tuple[str, ...] = PARTS) -> dict[str, Any]:  # fmt: skip
+    parts = {name: load_part(parts_dir, name, exit_codes.get(name)) for name in selected}
     checks = [check | {"part": name} for name, part in parts.items() for check in part["checks"]]
     failed = [c for c in checks if c["level"] == "must" and c["enforced"] and not c["passed"]]
     broken = [name for name, part in parts.items() if part["status"] != "ok"]
     return {
         "mode": mode,
+        "selected_parts": list(selected),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
         "ok": not failed and not broken,
@@ -104,12 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", required=True, choices=("device", "cpu-smoke"))
     parser.add_argument("--out", type=Path, action="append", required=True)
     parser.add_argument("--exit-code", action="append", default=[], metavar="PART=CODE")
+    parser.add_argument("--select", default=",".join(PARTS), help="the parts that were run")
     args = parser.parse_args(argv)
+    selected = tuple(name for name in args.select.split(",") if name)
+    unknown = sorted(set(selected) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {unknown}; known: {', '.join(PARTS)}")
     codes = {}
     for item in args.exit_code:
         name, _, code = item.partition("=")
         codes[name] = int(code)
-    result = merge(args.parts, args.mode, codes)
+    result = merge(args.parts, args.mode, codes, selected)
     text = json.dumps(finite(result), indent=2, allow_nan=False) + "\n"
     for out in args.out:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ import gc
 import math
 import sys
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -54,14 +53,13 @@ def time_case(ctx: Context, dims: DraftDims, length: int, options: dict[str, Any
     strategy, dropped = make_strategy(draft, head, TTT, options)
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = adamw(params)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     def step() -> tuple[torch.Tensor, dict[str, float], float]:
         marks = Marks(device)
         sync(device)
         started = time.perf_counter()
         marks.mark("start")
-        with autocast:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # as the trainer
             loss = strategy(batch).loss
         marks.mark("forward_ms")
         loss.backward()

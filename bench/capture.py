@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MEMORY_VARIANTS = ("bare", "hooks", "all_hidden_states", "hf_selected_hidden_states", "logits")
 
 
-def _config():
+def smollm2_config():
+    """SmolLM2-135M-Instruct's architecture (the real target's config.json), for random inits."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -41,8 +42,9 @@ def _config():
         num_hidden_layers=30,
         num_attention_heads=9,
         num_key_value_heads=3,
-        max_position_embeddings=2048,
+        max_position_embeddings=8192,
         rms_norm_eps=1e-5,
+        rope_theta=100000.0,
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
@@ -59,10 +61,10 @@ def _engine(random_init: bool = True):
     if random_init:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = LlamaForCausalLM(_config())
+            model = LlamaForCausalLM(smollm2_config())
     else:
         with torch.device("meta"):
-            model = LlamaForCausalLM(_config())
+            model = LlamaForCausalLM(smollm2_config())
         model.to_empty(device="cpu")
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:

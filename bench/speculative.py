@@ -31,7 +31,7 @@ REPS = 3
 THREADS = 1  # a tiny model decodes fastest single-threaded (per-op overhead dominates)
 
 
-def _random_draft(perfect):
+def random_draft_like(perfect):
     """A random draft with the perfect draft's config, target embedding and identity map."""
     from specforge_common.models.eagle3 import Eagle3Draft
 
@@ -51,7 +51,7 @@ def run() -> BenchReport:
     torch.set_num_threads(THREADS)
     engine, pi = make_permutation_target(**TARGET)
     drafts = {"perfect": make_perfect_draft(engine, pi)}
-    drafts["random"] = _random_draft(drafts["perfect"])
+    drafts["random"] = random_draft_like(drafts["perfect"])
     gen = torch.Generator().manual_seed(0)
     V = TARGET["vocab_size"]
     prompts = [torch.randint(3, V, (PROMPT_LEN,), generator=gen).tolist() for _ in range(PROMPTS)]

@@ -18,40 +18,32 @@ CONFIG = dict(hidden=1024, intermediate=2816, heads=16, kv_heads=4, vocab=32000,
               seq=1024, ttt=7, steps=2)  # fmt: skip
 
 
-def bench_draft_config():
+def bench_dims():
     """The issue's CPU bench draft: hidden 1024, target vocab 32000, draft vocab 8000."""
-    from specforge_common.models.eagle3 import Eagle3Config
+    from bench.eagle3_step import DraftDims
 
     c = CONFIG
-    return Eagle3Config(
-        hidden_size=c["hidden"], intermediate_size=c["intermediate"],
-        num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
-        vocab_size=c["vocab"], draft_vocab_size=c["draft_vocab"],
+    return DraftDims(
+        hidden=c["hidden"], intermediate=c["intermediate"], heads=c["heads"],
+        kv_heads=c["kv_heads"], vocab=c["vocab"], draft_vocab=c["draft_vocab"],
     )  # fmt: skip
+
+
+def bench_draft_config():
+    return bench_dims().config()
 
 
 def _case(attention: str, queue: multiprocessing.Queue) -> None:
     import torch
 
-    from specforge_common.batch import TrainBatch
-    from specforge_common.eagle3.strategy import Eagle3Strategy
-    from specforge_common.models.eagle3 import Eagle3Draft
+    from bench.eagle3_step import adamw, make_strategy, random_batch, random_draft, random_head
 
-    torch.manual_seed(0)
-    c = CONFIG
-    draft = Eagle3Draft(bench_draft_config())
-    draft.t2d[: c["draft_vocab"]] = True
-    head = torch.randn(c["vocab"], c["hidden"]) * 0.02
-    T = c["seq"]
-    batch = TrainBatch(
-        input_ids=torch.randint(0, c["vocab"], (1, T)),
-        attention_mask=torch.ones(1, T, dtype=torch.long),
-        loss_mask=torch.ones(1, T, dtype=torch.long),
-        aux_hidden_states=torch.randn(1, T, 3 * c["hidden"]),
-        hidden_states=torch.randn(1, T, c["hidden"]),
-    )
-    strategy = Eagle3Strategy(draft, head, ttt_length=c["ttt"], attention=attention)
-    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-4)
+    c, dims, cpu = CONFIG, bench_dims(), torch.device("cpu")
+    draft = random_draft(dims, cpu, seed=0)
+    head = random_head(dims, cpu, torch.float32)
+    batch = random_batch(dims, c["seq"], cpu, torch.float32)
+    strategy, _ = make_strategy(draft, head, c["ttt"], {"attention": attention})
+    optimizer = adamw([p for p in draft.parameters() if p.requires_grad])
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)

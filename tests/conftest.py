@@ -18,6 +18,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runfaults", action="store_true", help="also run tests marked faults")
 
 
+# ``cuda`` is the marker of tests that need a CUDA device (``pytest -m cuda`` runs them);
+# ``gpu`` is its older name and selects the same tests.
+CUDA_MARKERS = ("cuda", "gpu")
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: both names must be on the item by then
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
         import torch
@@ -32,8 +38,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
         if "faults" in item.keywords and not run_faults:
             item.add_marker(pytest.mark.skip(reason="faults: run with --runfaults"))
-        if "gpu" in item.keywords and not has_cuda:
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if any(item.get_closest_marker(name) for name in CUDA_MARKERS):
+            for name in CUDA_MARKERS:
+                if item.get_closest_marker(name) is None:
+                    item.add_marker(name)
+            if not has_cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -48,8 +48,11 @@ def make_permutation_target(
     num_kv_heads: int = 2,
     max_position_embeddings: int = 1024,
     seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[HFTargetEngine, list[int]]:
-    """The target engine and its greedy successor map ``pi``."""
+    """The target engine (on ``device`` in ``dtype``: one-hot rows and a permutation head are
+    exact in bf16 too) and its greedy successor map ``pi``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if hidden_size < vocab_size:
@@ -72,7 +75,7 @@ def make_permutation_target(
         head = torch.zeros(vocab_size, hidden_size)
         head[pi, torch.arange(vocab_size)] = 1.0  # logits[pi(x)] from e_x
         model.lm_head.weight.copy_(head)
-    return HFTargetEngine(model), pi
+    return HFTargetEngine(model.to(device, dtype)), pi
 
 
 def make_perfect_draft(engine: HFTargetEngine, pi: list[int], *, seed: int = 0) -> Eagle3Draft:

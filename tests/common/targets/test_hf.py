@@ -203,7 +203,7 @@ def test_info_protocol_and_tokenizer(tmp_path: Path) -> None:
     assert not any(p.requires_grad for p in engine.model.parameters())
 
 
-@pytest.mark.gpu
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_capture_on_cuda_equals_hf_on_cuda(targets: dict[str, Path], dtype: torch.dtype) -> None:
     from transformers import AutoModelForCausalLM

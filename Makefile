@@ -49,6 +49,14 @@ compose-image:
 compose-test: $(STAMP)
 	$(PY) -m pytest -q -s tests/deploy/test_compose.py
 
+# The GPU check (bench/gpu/README.md): its CPU smoke run, and the wheels a device run carries.
+.PHONY: bench-gpu-smoke bench-gpu-stage
+bench-gpu-smoke: $(STAMP)
+	PYTHON=$(PY) bash bench/gpu/check.sh --cpu-smoke
+
+bench-gpu-stage: $(STAMP)
+	PYTHON=$(PY) bash bench/gpu/stage.sh
+
 # The whole fault matrix (docs/operations.md, "Faults"): services and nats-server killed with
 # SIGKILL at chosen points, a full disk; a few minutes. The fast scenarios also run in make test.
 test-faults: $(STAMP)

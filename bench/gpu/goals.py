@@ -11,10 +11,12 @@ from __future__ import annotations
 REFERENCE_TOK_S = {2048: 19.8e3, 4096: 22.8e3}
 REFERENCE_MS_4096 = 179.5
 REFERENCE_PEAK_GIB_4096 = 24.4
-# must: beat the reference at 4096 (tok/s ratio >= 1); goal: at 2048 too, within its memory.
-TRAIN_MUST_RATIO_4096 = 1.0
-TRAIN_GOAL_RATIO_2048 = 1.0
-TRAIN_GOAL_PEAK_RATIO_4096 = 1.0
+# Issue 16's table, as ratios to the reference. At T = 4096: tok/s must be >= 1.0x (goal 1.25x),
+# peak memory must be <= 1.0x (goal 0.6x); at T = 2048: tok/s must be >= 1.0x (goal 1.25x).
+TRAIN_MUST_TOK_S_RATIO = 1.0
+TRAIN_GOAL_TOK_S_RATIO = 1.25
+TRAIN_MUST_PEAK_RATIO_4096 = 1.0
+TRAIN_GOAL_PEAK_RATIO_4096 = 0.6
 
 # Capture: time of ``HFTargetEngine.capture`` over a bare forward of the same bf16 batch.
 CAPTURE_OVERHEAD_MUST = 1.10

@@ -104,7 +104,15 @@ class TrainSpec(msgspec.Struct, kw_only=True, frozen=True):
     # Never rotate out a checkpoint that has no EvalResult yet (the evaluator may lag).
     keep_unevaluated: bool = True
     log_every: int = 10
-    attention: Literal["sdpa", "reference"] = "sdpa"
+    # How a step is computed; none of these changes what it computes (docs/eagle3.md, "Memory of
+    # a train step"). attention auto: flex on CUDA, sdpa elsewhere. loss_chunk_tokens: the loss
+    # and its backward a chunk of tokens at a time (0: all at once). activation_checkpointing:
+    # recompute the decoder layer in backward. precision auto: bf16 autocast on CUDA, fp32
+    # elsewhere; bf16 on a CPU is refused.
+    attention: Literal["auto", "flex", "sdpa", "reference"] = "auto"
+    loss_chunk_tokens: int = 1024
+    activation_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Epochs after the first read through a seeded window buffer of this many samples (seed:
     # the run's ``seed``); 0 or 1: every epoch in stream order. Epoch 0 is always stream order.
     shuffle_window: int = 0
@@ -112,6 +120,28 @@ class TrainSpec(msgspec.Struct, kw_only=True, frozen=True):
     # covers the optimizer step that used them (for stores that hold RAM, e.g. mooncake://).
     # Needs epochs == 1; a run meant to be replayed keeps them (False, the default).
     consume_features: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk_tokens < 0:
+            raise ValueError("train.loss_chunk_tokens must be >= 0 (0: all tokens at once)")
+
+
+# Train keys added after run spec hashes were pinned, at the value that hashes as if the key were
+# absent (runs stored before them keep their hash); ``attention`` hashes ``auto`` as ``sdpa``,
+# the default ``auto`` replaced.
+_TRAIN_KEYS_HASHED_ONLY_WHEN_SET = {
+    "loss_chunk_tokens": 1024,
+    "activation_checkpointing": False,
+    "precision": "auto",
+}
+
+
+def _train_identity(train: dict[str, Any]) -> dict[str, Any]:
+    identity = {k: v for k, v in train.items()
+                if _TRAIN_KEYS_HASHED_ONLY_WHEN_SET.get(k, object()) != v}  # fmt: skip
+    if identity.get("attention") == "auto":
+        identity["attention"] = "sdpa"
+    return identity
 
 
 class CaptureSpec(msgspec.Struct, kw_only=True, frozen=True):
@@ -231,10 +261,12 @@ class RunSpec(Record, kw_only=True, frozen=True):
         """Stable short hash of the spec; records produced under it carry it.
 
         ``tracking`` is left out: where the metrics go changes nothing the run produces, and
-        the specs stored before it existed keep their hash.
+        the specs stored before it existed keep their hash. So do the train keys added since,
+        while at their defaults (``_train_identity``).
         """
         identity = msgspec.to_builtins(self)
         del identity["tracking"]
+        identity["train"] = _train_identity(identity["train"])
         canonical = msgspec.json.encode(identity, order="sorted")
         return hashlib.sha256(canonical).hexdigest()[:16]
 

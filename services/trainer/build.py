@@ -31,6 +31,7 @@ from specforge_common.eagle3.layout import CONFIG_NAME
 from specforge_common.eagle3.vocab import from_stored
 from specforge_common.featurestore import FeatureStore, open_store
 from specforge_common.models import DraftModel
+from specforge_common.precision import ResolvedPrecision, resolve_precision
 from specforge_common.registry import DRAFT_ARCHITECTURES
 from specforge_common.strategies import STRATEGIES
 from specforge_common.strategy import Strategy
@@ -81,6 +82,7 @@ class TrainerParts:
     layer_ids: AuxLayerIds  # the target layers those samples hold, in order
     vocab_map: VocabMap
     draft: DraftModel  # fp32, on the device; sharded in place under FSDP
+    precision: ResolvedPrecision  # the step's autocast (``specforge_common.precision``)
     head: torch.Tensor  # the target's frozen lm_head
     strategy: Strategy
     weighted_loss: bool  # the strategy's losses are weighted sums (``specforge_common.strategy``)
@@ -231,6 +233,10 @@ async def build_parts(
 ) -> TrainerParts:
     """Read the run from the bus, build the draft and optimizer, join the ranks (collectives)."""
     spec: RunSpec = await _wait_record(bus, run_id, RunSpec, "run spec", spec_timeout)
+    try:
+        precision = resolve_precision(spec.train.precision, device)
+    except ValueError as exc:
+        raise TrainerError(str(exc)) from None
     data_run = spec.samples_run
     if spec.train.consume_features:
         check_consume_once(spec, data_run)
@@ -303,7 +309,7 @@ async def build_parts(
         summary=summary, store=store, target_hidden=target_hidden,
         method=data_spec.capture_method,
         layer_ids=layer_ids_for_run(data_spec, int(text["num_hidden_layers"])),
-        vocab_map=vocab_map, draft=draft, head=head, strategy=strategy,
+        vocab_map=vocab_map, draft=draft, precision=precision, head=head, strategy=strategy,
         weighted_loss=strategy.weighted_loss, compute=compute, ddp=ddp, fsdp=fsdp,
         export_draft=export_draft,
         params=params, optimizer=optimizer, total_steps=total_steps,
@@ -312,7 +318,7 @@ async def build_parts(
                                       keep_last=train.keep_last),
     )  # fmt: skip
     log.bind(spec_hash=parts.spec_hash).info(
-        "trainer ready", device=str(device), target=spec.target.path,
+        "trainer ready", device=str(device), precision=precision, target=spec.target.path,
         draft_params=sum(p.numel() for p in params), train_samples=summary.train,
         total_steps=total_steps, warmup_steps=parts.schedule.warmup,
         vocab_map_hash=vocab_map.hash(), checkpoints=str(parts.checkpoints.root),

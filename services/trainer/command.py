@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
-        help="where to train (auto: cuda when present); bf16 autocast on cuda only",
+        help="where to train (auto: cuda when present); bf16 autocast on cuda: train.precision",
     )
     parser.add_argument(
         "--spec-timeout",

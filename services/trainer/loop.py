@@ -45,6 +45,7 @@ from specforge_common.bus import Bus
 from specforge_common.contracts import RunSpec
 from specforge_common.lag_metrics import LagSource
 from specforge_common.log import get_logger
+from specforge_common.precision import autocast
 from specforge_common.progress import Figure
 from specforge_common.strategy import StrategyMetrics
 from specforge_common.tracking import TrackingUnavailable, require_backend
@@ -312,12 +313,11 @@ class Trainer:
         ``sync=False`` (not an optimizer-step boundary): no gradient all-reduce."""
         parts, train = self.parts, self.spec.train
         train_batch = (self._dummy_batch() if batch is None else batch.collate()).to(self.device)
-        cuda = self.device.type == "cuda"
         no_sync = parts.ddp.no_sync() if parts.ddp is not None and not sync else nullcontext()
         if parts.fsdp:  # FSDP's no_sync: keep unsharded gradients, reduce-scatter at the boundary
             parts.compute.set_requires_gradient_sync(sync)
         with no_sync:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            with autocast(parts.precision):
                 loss, metrics, weight = parts.compute(train_batch)
             if batch is None:
                 (loss * 0.0).backward()

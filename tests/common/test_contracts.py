@@ -237,3 +237,33 @@ def test_existing_spec_hashes_never_change(make, expected: str) -> None:
     spec = make()
     assert spec.spec_hash() == expected
     assert decode(encode(spec), RunSpec).spec_hash() == expected
+
+
+def test_train_keys_added_later_hash_only_when_set_away_from_their_defaults() -> None:
+    """``attention``, ``loss_chunk_tokens``, ``activation_checkpointing`` and ``precision`` at
+    their defaults leave the pinned hash alone (``auto`` attention hashes as the ``sdpa`` it
+    replaced as the default); any other value is a different run."""
+
+    def spec(**train) -> RunSpec:
+        return RunSpec(run_id="r", target=TargetSpec(path="/models/t"), train=TrainSpec(**train))
+
+    pinned = "7d11e8892ad2e768"
+    assert spec().train.attention == "auto" and spec().spec_hash() == pinned
+    assert spec(attention="sdpa", loss_chunk_tokens=1024, activation_checkpointing=False,
+                precision="auto").spec_hash() == pinned  # fmt: skip
+    changes = [
+        {"attention": "flex"},
+        {"attention": "reference"},
+        {"loss_chunk_tokens": 0},
+        {"activation_checkpointing": True},
+        {"precision": "bf16"},
+        {"precision": "fp32"},
+    ]
+    hashes = {spec(**change).spec_hash() for change in changes}
+    assert len(hashes) == len(changes) and pinned not in hashes
+    # A spec stored before ``auto`` existed (it says ``sdpa``) is the same run as today's.
+    base = {"run_id": "r", "target": {"path": "/models/t"}}
+    stored = decode(
+        encode(build_run_spec(base | {"train": {"attention": "sdpa"}}, [], {})), RunSpec
+    )
+    assert stored.spec_hash() == build_run_spec(base, [], {}).spec_hash()

@@ -154,6 +154,40 @@ async def test_same_stream_and_seed_give_identical_weights(
     assert [h["loss"] for h in first.history] == [h["loss"] for h in second.history]
 
 
+async def test_train_step_keys_reach_the_strategy_and_change_how_not_what(
+    bus: Bus, run_id: str, target: Path, tmp_path: Path
+) -> None:
+    """The same data trained with the reference attention, a 5-token loss chunk, the decoder
+    layer recomputed in backward and explicit fp32 gives the default run's losses."""
+    default = tiny_run_spec(run_id, target, tmp_path / "a")
+    await seed_captured_run(bus, default, n_train=4)
+    step_keys = dict(attention="reference", loss_chunk_tokens=5, activation_checkpointing=True,
+                     precision="fp32")  # fmt: skip
+    other_id = f"{run_id}-keys"
+    other = tiny_run_spec(other_id, target, tmp_path / "b", train=train_spec(**step_keys))
+    await seed_captured_run(bus, other, n_train=4)
+    first = await Trainer(bus, run_id).run()
+    trainer = Trainer(bus, other_id)
+    second = await trainer.run()
+    strategy = trainer.parts.strategy
+    assert (strategy.attention, strategy.loss_chunk_tokens, strategy.activation_checkpointing,
+            strategy.precision) == ("reference", 5, True, "fp32")  # fmt: skip
+    assert trainer.parts.precision == "fp32"
+    assert [h["loss"] for h in second.history] == pytest.approx(
+        [h["loss"] for h in first.history], rel=1e-5
+    )
+
+
+async def test_bf16_precision_on_a_cpu_is_refused_before_any_work(
+    bus: Bus, run_id: str, target: Path, tmp_path: Path
+) -> None:
+    spec = tiny_run_spec(run_id, target, tmp_path, train=train_spec(precision="bf16"))
+    await bus.ensure_streams(run_id)
+    await bus.put_run_spec(spec)
+    with pytest.raises(TrainerError, match="train.precision bf16 needs a CUDA device"):
+        await Trainer(bus, run_id).run()
+
+
 async def test_keep_last_rotation_spares_step_zero_and_the_final(
     bus: Bus, run_id: str, target: Path, tmp_path: Path
 ) -> None:

@@ -4,6 +4,11 @@ Step k feeds the draft its own step-(k-1) hidden state (feature drift is trained
 forced), consumes token ``t+1+k`` at position t and is supervised by the target distribution at
 ``t+1+k``. The loss is ``sum_k decay^k * ploss_k`` with ``ploss_k`` the soft cross entropy
 against the draft-vocab teacher, averaged over all B*T positions (masked ones count as 0).
+
+How a step is computed, none of which changes what it computes (docs/eagle3.md, "Memory of a
+train step"): ``attention`` (the TTT attention kernel), ``loss_chunk_tokens`` (the soft cross
+entropy and the metrics a chunk of tokens at a time), ``activation_checkpointing`` (the decoder
+layer recomputed in backward) and ``precision`` (bf16 autocast on CUDA).
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..batch import TrainBatch
-from ..models.eagle3 import AttentionBackend, Eagle3Draft, TTTCache
+from ..models.eagle3 import AttentionChoice, Eagle3Draft, TTTCache, resolve_attention
 from ..models.layers import upcast
+from ..precision import Precision, autocast, resolve_precision
 from ..registry import STRATEGIES
 from ..strategy import StrategyOutput
+from .soft_cross_entropy import DEFAULT_CHUNK_TOKENS, soft_cross_entropy, token_chunks
 from .teacher import prepare_teacher, shift_left
 
 if TYPE_CHECKING:
@@ -109,18 +115,31 @@ class Eagle3Strategy:
         *,
         ttt_length: int = 7,
         step_weight_decay: float = 0.8,
-        attention: AttentionBackend = "sdpa",
+        attention: AttentionChoice = "auto",
+        loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        activation_checkpointing: bool = False,
+        precision: Precision = "fp32",
     ) -> None:
+        """``attention`` and ``precision`` are resolved against the draft's device here (``auto``:
+        flex and bf16 on CUDA, sdpa and fp32 elsewhere). ``precision`` defaults to fp32, the
+        numerics a bare strategy (the evaluator's) has always had; the trainer passes the run's
+        ``train.precision``, whose default is ``auto``."""
         if target_head.shape[0] != draft.config.vocab_size:
             raise ValueError(
                 f"target head has {target_head.shape[0]} rows but the draft's target vocabulary "
                 f"is {draft.config.vocab_size}"
             )
+        if loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens must be >= 0 (0: one chunk): {loss_chunk_tokens}")
+        device = draft.fc.weight.device
         self.draft = draft
         self.target_head = target_head.detach().requires_grad_(False)
         self.ttt_length = ttt_length
         self.step_weight_decay = step_weight_decay
-        self.attention = attention
+        self.attention = resolve_attention(attention, device)
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.activation_checkpointing = activation_checkpointing
+        self.precision = resolve_precision(precision, device)
 
     @classmethod
     def from_spec(
@@ -133,8 +152,11 @@ class Eagle3Strategy:
         total_steps: int | None,
     ) -> Eagle3Strategy:
         del target_embedding, total_steps  # the draft holds its copy of the embedding
-        return cls(draft, target_head, ttt_length=spec.train.ttt_length,
-                   attention=spec.train.attention)  # fmt: skip
+        train = spec.train
+        return cls(draft, target_head, ttt_length=train.ttt_length, attention=train.attention,
+                   loss_chunk_tokens=train.loss_chunk_tokens,
+                   activation_checkpointing=train.activation_checkpointing,
+                   precision=train.precision)  # fmt: skip
 
     def set_step(self, step: int) -> None:
         """EAGLE-3's loss has no schedule."""
@@ -143,8 +165,14 @@ class Eagle3Strategy:
         return Eagle3Metrics.zeros(self.ttt_length, self.step_weight_decay)
 
     def __call__(self, batch: TrainBatch) -> StrategyOutput:
+        with autocast(self.precision):
+            return self._unroll(batch)
+
+    def _unroll(self, batch: TrainBatch) -> StrategyOutput:
         draft, K = self.draft, self.ttt_length
-        teacher = prepare_teacher(batch, self.target_head, draft.t2d, K)
+        bf16 = self.precision == "bf16"
+        teacher = prepare_teacher(batch, self.target_head, draft.t2d, K,
+                                  probs_dtype=torch.bfloat16 if bf16 else None)  # fmt: skip
         B, T = batch.input_ids.shape
         dtype = draft.fc.weight.dtype
 
@@ -156,22 +184,48 @@ class Eagle3Strategy:
         loss = hidden.new_zeros((), dtype=upcast(hidden).dtype)
         metrics = Eagle3Metrics.zeros(K, self.step_weight_decay)
         for k in range(K):
-            hidden = draft.step(ids, hidden, positions + k, cache)
-            log_q = F.log_softmax(upcast(draft.compute_logits(hidden)), dim=-1)  # [B, T, V_d]
-            target_p = teacher.target_p[:, k : k + T]
-            ploss = -(position_mask[..., None] * target_p * log_q).sum() / (B * T)
+            hidden = draft.step(ids, hidden, positions + k, cache,
+                                recompute=self.activation_checkpointing)  # fmt: skip
+            logits = draft.compute_logits(hidden)  # [B, T, V_d]
+            rows = slice(k, k + T)  # the step's teacher rows
+            ce = soft_cross_entropy(logits, teacher.target_p[:, rows], position_mask,
+                                    self.loss_chunk_tokens)  # fmt: skip
+            ploss = ce / (B * T)
             loss = loss + self.step_weight_decay**k * ploss
-            with torch.no_grad():
-                predicted = draft.draft_to_target(log_q.argmax(dim=-1))
-                hits = (predicted == teacher.target_ids[:, k : k + T]).to(loss_mask.dtype)
-                accept = torch.minimum(teacher.p_on_draft[:, k : k + T], log_q.exp()).sum(-1)
-                metrics.ploss[k] = ploss.detach().double() * (B * T)
-                metrics.correct[k] = (hits * loss_mask).sum().double()
-                metrics.denom[k] = loss_mask.sum().double()
-                metrics.accept[k] = (accept * position_mask).sum().double()
-                metrics.accept_denom[k] = position_mask.sum().double()
+            hits, accept = self._step_counts(
+                logits.detach(), teacher.target_ids[:, rows], teacher.p_on_draft[:, rows],
+                position_mask,
+            )  # fmt: skip
+            metrics.ploss[k] = ploss.detach().double() * (B * T)
+            metrics.correct[k] = (hits * loss_mask).sum().double()
+            metrics.denom[k] = loss_mask.sum().double()
+            metrics.accept[k] = accept
+            metrics.accept_denom[k] = position_mask.sum().double()
             if k < K - 1:
                 ids, position_mask = shift_left(ids), shift_left(position_mask)
                 loss_mask = shift_left(loss_mask)
         metrics.positions += B * T
         return StrategyOutput(loss, metrics)
+
+    @torch.no_grad()
+    def _step_counts(
+        self,
+        logits: torch.Tensor,
+        target_ids: torch.Tensor,
+        p_on_draft: torch.Tensor,
+        position_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's argmax hits ``[B, T]`` (draft argmax mapped to a target id == the target's
+        argmax) and its expected acceptance summed over the position mask, a chunk of tokens at
+        a time like the loss (``target_ids``, ``p_on_draft``: the step's teacher rows)."""
+        B, T = logits.shape[:2]
+        hits = torch.empty(B, T, dtype=position_mask.dtype, device=logits.device)
+        accept = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for rows in token_chunks(B, T, self.loss_chunk_tokens):
+            chunk = logits[rows]
+            predicted = self.draft.draft_to_target(chunk.argmax(dim=-1))
+            hits[rows] = (predicted == target_ids[rows]).to(hits.dtype)
+            q = torch.softmax(upcast(chunk), dim=-1)
+            overlap = torch.minimum(upcast(p_on_draft[rows]), q).sum(-1)
+            accept += (overlap * position_mask[rows]).sum().double()
+        return hits, accept

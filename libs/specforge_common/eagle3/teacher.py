@@ -43,11 +43,15 @@ def prepare_teacher(
     ttt_length: int,
     *,
     chunk_rows: int = TEACHER_CHUNK_ROWS,
+    probs_dtype: torch.dtype | None = None,
 ) -> Teacher:
     """``target_head`` is the target's lm_head weight [V, H_t]; ``t2d`` the draft-vocab mask [V].
 
     The full-vocab logits are computed ``chunk_rows`` positions at a time; only the
-    draft-vocab outputs ([B, T, V_d]) are ever whole."""
+    draft-vocab outputs ([B, T, V_d]) are ever whole. ``probs_dtype``: how ``target_p`` and
+    ``p_on_draft`` are stored (computed in fp32 either way); None: the logits' fp32 (or fp64).
+    bf16 halves the two largest tensors of a step and rounds each probability by at most
+    2^-8 of itself (docs/eagle3.md, "Memory of a train step")."""
     if batch.hidden_states is None:
         raise ValueError(
             "EAGLE-3 needs the target's final hidden states; these samples have none "
@@ -58,7 +62,7 @@ def prepare_teacher(
     rows = hidden.reshape(B * T, -1)
     V_d = int(t2d.sum())
     dtype = upcast(target_head[:0]).dtype  # what ``upcast`` makes of the logits
-    target_p = torch.empty(B * T, V_d, dtype=dtype, device=hidden.device)
+    target_p = torch.empty(B * T, V_d, dtype=probs_dtype or dtype, device=hidden.device)
     p_on_draft = torch.empty_like(target_p)
     target_ids = torch.empty(B * T, dtype=torch.int64, device=hidden.device)
     for start in range(0, B * T, max(1, chunk_rows)):

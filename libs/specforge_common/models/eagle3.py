@@ -12,12 +12,13 @@ Shapes: ``H`` draft hidden, ``H_t`` target hidden, ``V`` target vocab, ``V_d`` d
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..registry import DRAFT_ARCHITECTURES
 from .draft import DraftModel
@@ -29,6 +30,7 @@ from .layers import (
     rope_inverse_frequencies,
     upcast,
 )
+from .ttt_flex import ttt_flex_attention
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -41,7 +43,18 @@ TARGET_CONFIG_FIELDS = (
     "use_sliding_window", "max_window_layers",
 )  # fmt: skip
 
-AttentionBackend = Literal["sdpa", "reference"]
+AttentionBackend = Literal["flex", "sdpa", "reference"]
+AttentionChoice = Literal["auto", "flex", "sdpa", "reference"]  # ``train.attention``
+
+
+def resolve_attention(choice: AttentionChoice, device: torch.device) -> AttentionBackend:
+    """``auto``: FlexAttention on CUDA (masked blocks skipped), SDPA elsewhere (PyTorch's flex
+    has no CPU backward, and SDPA is the fastest CPU path)."""
+    if choice == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if choice not in ("flex", "sdpa", "reference"):
+        raise ValueError(f"unknown attention {choice!r}; known: auto, flex, sdpa, reference")
+    return choice
 
 
 @dataclass
@@ -169,6 +182,7 @@ class TTTCache:
     keys: list[torch.Tensor] = field(default_factory=list)  # per step [B, n_kv, T, d], rotated
     values: list[torch.Tensor] = field(default_factory=list)
     _mask: torch.Tensor | None = None  # sdpa: [B, 1, T, T * steps] bool, grown per step
+    _padded: bool | None = None  # flex: whether any token is padding (asked once per forward)
 
     def step0_mask(self) -> torch.Tensor:
         """[B, 1, T, T] bool: causal and key not padding."""
@@ -184,12 +198,20 @@ class TTTCache:
         return eye[None, None] & self.attention_mask.bool()[:, None, None, :]
 
     def sdpa_mask(self) -> torch.Tensor:
-        steps = len(self.keys)
+        """[B, 1, T, T * steps]; a recomputed earlier step (activation checkpointing) gets its
+        own width, not the grown mask."""
+        width = len(self.keys) * self.attention_mask.shape[1]
         if self._mask is None:
             self._mask = self.step0_mask()
-        while self._mask.shape[-1] < steps * self.attention_mask.shape[1]:
+        while self._mask.shape[-1] < width:
             self._mask = torch.cat([self._mask, self.diagonal_mask()], dim=-1)
-        return self._mask
+        return self._mask[..., :width]
+
+    def key_mask(self) -> torch.Tensor | None:
+        """The attention mask, or None when the batch has no padding (flex skips the mod)."""
+        if self._padded is None:
+            self._padded = not bool(self.attention_mask.bool().all())
+        return self.attention_mask if self._padded else None
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -232,6 +254,19 @@ def ttt_attention_sdpa(q: torch.Tensor, cache: TTTCache, scale: float) -> torch.
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.sdpa_mask(), scale=scale)
 
 
+def ttt_attention_flex(q: torch.Tensor, cache: TTTCache, scale: float) -> torch.Tensor:
+    """FlexAttention over the block-sparse TTT mask (``models/ttt_flex.py``): only the key
+    blocks a query can see are computed, and GQA needs no repeated keys."""
+    return ttt_flex_attention(q, cache.keys, cache.values, cache.key_mask(), scale)
+
+
+TTT_ATTENTION = {
+    "flex": ttt_attention_flex,
+    "sdpa": ttt_attention_sdpa,
+    "reference": ttt_attention_reference,
+}
+
+
 class Eagle3Attention(nn.Module):
     def __init__(self, config: Eagle3Config) -> None:
         super().__init__()
@@ -256,8 +291,7 @@ class Eagle3Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.keys.append(k)
         cache.values.append(v)
-        attend = ttt_attention_sdpa if cache.backend == "sdpa" else ttt_attention_reference
-        out = attend(q, cache, self.head_dim**-0.5)
+        out = TTT_ATTENTION[cache.backend](q, cache, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -282,6 +316,33 @@ class Eagle3DecoderLayer(nn.Module):
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
         hidden = hidden + self.self_attn(x, cos, sin, cache)  # residual: the hidden stream
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+def checkpointed_layer(
+    layer: Eagle3DecoderLayer,
+    embeds: torch.Tensor,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: TTTCache,
+) -> torch.Tensor:
+    """``layer(...)`` under activation checkpointing: only its inputs and outputs are kept and
+    backward runs it again. The layer appends its key and value to the cache, a side effect the
+    recomputation must not repeat and whose cache must look as it did; so the checkpointed
+    function runs on a copy of the cache holding this step's past keys (inputs of the function)
+    and returns the new key and value, appended here once."""
+    steps = len(cache.keys)
+
+    def run(embeds, hidden, cos, sin, *past):
+        view = replace(cache, keys=list(past[:steps]), values=list(past[steps:]))
+        out = layer(embeds, hidden, cos, sin, view)
+        return out, view.keys[-1], view.values[-1]
+
+    out, key, value = checkpoint(run, embeds, hidden, cos, sin, *cache.keys, *cache.values,
+                                 use_reentrant=False)  # fmt: skip
+    cache.keys.append(key)
+    cache.values.append(value)
+    return out
 
 
 @DRAFT_ARCHITECTURES.register("llama_eagle3")
@@ -356,12 +417,17 @@ class Eagle3Draft(DraftModel):
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         cache: TTTCache,
+        *,
+        recompute: bool = False,
     ) -> torch.Tensor:
-        """One draft step: embeddings of ``input_ids`` + previous hidden -> new raw hidden."""
+        """One draft step: embeddings of ``input_ids`` + previous hidden -> new raw hidden.
+        ``recompute``: keep no activations of the decoder layer, recompute them in backward."""
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
         if self._inv_freq.device != position_ids.device:
             self._inv_freq = self._inv_freq.to(position_ids.device)
         cos, sin = rope_cos_sin(position_ids, self._inv_freq, hidden.dtype)
+        if recompute:
+            return checkpointed_layer(self.midlayer, embeds, hidden, cos, sin, cache)
         return self.midlayer(embeds, hidden, cos, sin, cache)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

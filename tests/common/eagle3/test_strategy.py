@@ -173,7 +173,7 @@ def reference(draft: Eagle3Draft, head, batch: TrainBatch, K: int, decay: float 
 # --- tests -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attention", ["reference", "sdpa"])
+@pytest.mark.parametrize("attention", ["reference", "sdpa", "flex"])
 def test_loss_accuracy_and_acceptance_match_the_loop_reference(attention: str) -> None:
     draft, head, batch, _ = make_setup()
     out = Eagle3Strategy(draft, head, ttt_length=K, attention=attention)(batch)
@@ -272,17 +272,103 @@ def test_float32_matches_the_float64_reference() -> None:
     assert out.loss.item() == pytest.approx(ref_loss, abs=1e-5, rel=1e-5)
 
 
-def test_sdpa_and_reference_backends_agree_in_value_and_gradient() -> None:
+def loss_metrics_and_grads(draft: Eagle3Draft, head, batch: TrainBatch, **options):
+    """One strategy call and backward: (loss, metric summary, gradient of every parameter)."""
+    draft.zero_grad()
+    out = Eagle3Strategy(draft, head, ttt_length=K, **options)(batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+    return out.loss.detach(), out.metrics.summary(), grads
+
+
+def assert_same_step(a, b, atol: float = 1e-10, rtol: float = 1e-8) -> None:
+    (loss_a, summary_a, grads_a), (loss_b, summary_b, grads_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b, atol=atol, rtol=rtol)
+    assert summary_a == pytest.approx(summary_b, abs=atol, rel=rtol)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name, g in grads_a.items():
+        torch.testing.assert_close(g, grads_b[name], atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_attention_backends_agree_with_the_reference_in_value_and_gradient(attention) -> None:
     draft, head, batch, _ = make_setup(seed=3)
-    grads = {}
-    for attention in ("reference", "sdpa"):
-        draft.zero_grad()
-        loss = Eagle3Strategy(draft, head, ttt_length=K, attention=attention)(batch).loss
-        loss.backward()
-        grads[attention] = {n: p.grad.clone() for n, p in draft.named_parameters()
-                            if p.grad is not None}  # fmt: skip
-    for name, g in grads["reference"].items():
-        torch.testing.assert_close(grads["sdpa"][name], g, atol=1e-10, rtol=1e-8)
+    reference = loss_metrics_and_grads(draft, head, batch, attention="reference")
+    assert_same_step(loss_metrics_and_grads(draft, head, batch, attention=attention), reference)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 5])
+def test_the_loss_in_token_chunks_equals_the_loss_at_once(chunk_tokens: int) -> None:
+    """Loss, metrics and gradients (T=7: the chunks do not divide it; the batch has a padded
+    row and unsupervised prompt positions)."""
+    draft, head, batch, _ = make_setup(seed=4)
+    whole = loss_metrics_and_grads(draft, head, batch, loss_chunk_tokens=0)
+    chunked = loss_metrics_and_grads(draft, head, batch, loss_chunk_tokens=chunk_tokens)
+    assert_same_step(chunked, whole)
+
+
+@pytest.mark.parametrize("attention", ["reference", "sdpa", "flex"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(attention: str) -> None:
+    draft, head, batch, _ = make_setup(seed=5)
+    kept = loss_metrics_and_grads(draft, head, batch, attention=attention)
+    recomputed = loss_metrics_and_grads(draft, head, batch, attention=attention,
+                                        activation_checkpointing=True)  # fmt: skip
+    assert_same_step(recomputed, kept)
+
+
+def test_activation_checkpointing_keeps_far_less_for_backward() -> None:
+    """What autograd holds after the forward: without checkpointing every step's MLP and
+    attention activations; with it, the layer's inputs and outputs (and the logits)."""
+    from tests.common.eagle3.test_soft_cross_entropy import saved_bytes
+
+    draft, head, batch, _ = make_setup()
+    kept = {}
+    for recompute in (False, True):
+        strategy = Eagle3Strategy(draft, head, ttt_length=K, activation_checkpointing=recompute)
+        kept[recompute] = saved_bytes(lambda s=strategy: s(batch))
+    assert kept[True] < 0.5 * kept[False], kept
+
+
+def test_bf16_precision_is_refused_on_cpu() -> None:
+    draft, head, _, _ = make_setup()
+    with pytest.raises(ValueError, match="train.precision bf16 needs a CUDA device"):
+        Eagle3Strategy(draft, head, ttt_length=K, precision="bf16")
+    assert Eagle3Strategy(draft, head, ttt_length=K, precision="auto").precision == "fp32"
+
+
+def test_teacher_probabilities_stored_in_bf16_are_rounded_by_at_most_2_to_the_minus_8() -> None:
+    """The bound docs/eagle3.md quotes for ``precision: bf16`` (which stores them so on CUDA):
+    each probability within 2^-8 of itself (round to nearest, 8 significant bits)."""
+    from specforge_common.eagle3.teacher import prepare_teacher
+
+    draft, head, batch, _ = make_setup(dtype=torch.float32)
+    exact = prepare_teacher(batch, head, draft.t2d, K)
+    rounded = prepare_teacher(batch, head, draft.t2d, K, probs_dtype=torch.bfloat16)
+    assert rounded.target_p.dtype == rounded.p_on_draft.dtype == torch.bfloat16
+    for name in ("target_p", "p_on_draft"):
+        a, b = getattr(exact, name), getattr(rounded, name).float()
+        assert torch.all((a - b).abs() <= 2**-8 * a.abs()), name
+        assert not torch.equal(a, b)  # rounding did happen
+    assert torch.equal(exact.target_ids, rounded.target_ids)
+    assert torch.equal(exact.position_mask, rounded.position_mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_and_flex_on_cuda_stay_close_to_fp32_reference() -> None:
+    """The CUDA defaults (flex, bf16 autocast, bf16 teacher probabilities) against the fp32
+    reference path on the same device: bf16 rounding, nothing worse."""
+    draft, head, batch, _ = make_setup(dtype=torch.float32, seed=6)
+    draft, head, batch = draft.cuda(), head.cuda(), batch.to("cuda")
+    exact = loss_metrics_and_grads(draft, head, batch, attention="reference", precision="fp32")
+    fast = loss_metrics_and_grads(draft, head, batch, attention="auto", precision="auto",
+                                  activation_checkpointing=True)  # fmt: skip
+    torch.testing.assert_close(fast[0], exact[0], atol=2e-2, rtol=2e-2)
+    for name, g in exact[2].items():
+        assert (
+            torch.nn.functional.cosine_similarity(fast[2][name].flatten(), g.flatten(), dim=0)
+            > 0.99
+        ), name
 
 
 def test_gradients_reach_only_trainable_parameters() -> None:

@@ -353,7 +353,7 @@ def test_teacher_probabilities_stored_in_bf16_are_rounded_by_at_most_2_to_the_mi
     assert torch.equal(exact.position_mask, rounded.position_mask)
 
 
-@pytest.mark.gpu
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_and_flex_on_cuda_stay_close_to_fp32_reference() -> None:
     """The CUDA defaults (flex, bf16 autocast, bf16 teacher probabilities) against the fp32

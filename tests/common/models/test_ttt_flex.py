@@ -149,7 +149,7 @@ def test_compiled_flex_forward_on_cpu_reads_the_block_mask_correctly() -> None:
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.gpu
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(("name", "lengths", "T"), PADDING_CASES, ids=[c[0] for c in PADDING_CASES])
 def test_compiled_flex_on_cuda_equals_the_reference(name: str, lengths, T: int) -> None:

@@ -102,7 +102,7 @@ def key_padding_score_mod(real: torch.Tensor):
 
 @functools.cache
 def compiled_flex_attention():
-    """``torch.compile(flex_attention)``, once per process (a fused kernel per mod variant)."""
+    """``torch.compile(flex_attention)``, once per process (recompiled as shapes turn dynamic)."""
     return torch.compile(flex_attention)
 
 
@@ -116,7 +116,7 @@ def _flex(q, k, v, score_mod, block_mask: BlockMask, scale: float, compiled: boo
         from torch import _dynamo  # loaded on first use: its import takes about two seconds
 
         with _dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
-                                        fail_on_recompile_limit_hit=True):  # fmt: skip
+                                  fail_on_recompile_limit_hit=True):  # fmt: skip
             return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                              scale=scale, enable_gqa=True)  # fmt: skip
     from torch._higher_order_ops.flex_attention import flex_attention as flex_op

@@ -52,7 +52,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
             q = torch.softmax(upcast(logits[rows]), dim=-1)
             p = upcast(target[rows])
             scale = (grad * weight[rows].to(q.dtype))[..., None]
-            grad_logits[rows] = (scale * (q * p.sum(-1, keepdim=True) - p)).to(logits.dtype)
+            grad_logits[rows] = q.mul_(p.sum(-1, keepdim=True)).sub_(p).mul_(scale)
         return grad_logits, None, None, None
 
 

@@ -182,7 +182,6 @@ class TTTCache:
     keys: list[torch.Tensor] = field(default_factory=list)  # per step [B, n_kv, T, d], rotated
     values: list[torch.Tensor] = field(default_factory=list)
     _mask: torch.Tensor | None = None  # sdpa: [B, 1, T, T * steps] bool, grown per step
-    _padded: bool | None = None  # flex: whether any token is padding (asked once per forward)
 
     def step0_mask(self) -> torch.Tensor:
         """[B, 1, T, T] bool: causal and key not padding."""
@@ -206,12 +205,6 @@ class TTTCache:
         while self._mask.shape[-1] < width:
             self._mask = torch.cat([self._mask, self.diagonal_mask()], dim=-1)
         return self._mask[..., :width]
-
-    def key_mask(self) -> torch.Tensor | None:
-        """The attention mask, or None when the batch has no padding (flex skips the mod)."""
-        if self._padded is None:
-            self._padded = not bool(self.attention_mask.bool().all())
-        return self.attention_mask if self._padded else None
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -257,7 +250,7 @@ def ttt_attention_sdpa(q: torch.Tensor, cache: TTTCache, scale: float) -> torch.
 def ttt_attention_flex(q: torch.Tensor, cache: TTTCache, scale: float) -> torch.Tensor:
     """FlexAttention over the block-sparse TTT mask (``models/ttt_flex.py``): only the key
     blocks a query can see are computed, and GQA needs no repeated keys."""
-    return ttt_flex_attention(q, cache.keys, cache.values, cache.key_mask(), scale)
+    return ttt_flex_attention(q, cache.keys, cache.values, cache.attention_mask, scale)
 
 
 TTT_ATTENTION = {

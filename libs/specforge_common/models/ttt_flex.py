@@ -17,13 +17,17 @@ Two choices keep this cheap and cacheable (see docs/eagle3.md, "Attention patter
 * **Padding of the batch (``attention_mask``) is a ``score_mod``, not part of the block mask.** It
   differs every batch, so in the mask it would force a new block mask per batch. As a score
   modification (``-inf`` where the key is not a real token) it costs one lookup per computed
-  score, and batches without padding skip it altogether.
+  score. It is applied to batches without padding too: one kernel variant, not two, so varying
+  batches cost fewer recompilations.
 
-On CUDA the kernel is ``torch.compile(flex_attention)``, compiled once per process. PyTorch has
-no CPU backward for ``flex_attention``; on CPU this module calls the flex operator's own dense
-implementation (what ``flex_attention`` runs uncompiled on every device), which has a backward
-but materialises every score: a correctness path for tests, not a fast one (``auto`` picks SDPA
-on CPU).
+On CUDA the kernel is ``torch.compile(flex_attention)``, compiled once per process; shapes that
+change (T, the step count, the batch size) become dynamic after their first recompilation. Past
+dynamo's recompile limit a compiled function silently falls back to the uncompiled flex, which
+materialises every score (tens of GiB at T=4096), so the limit is raised and hitting it is an
+error instead. PyTorch has no CPU backward for ``flex_attention``; on CPU this module calls the
+flex operator's own dense implementation (what ``flex_attention`` runs uncompiled on every
+device), which has a backward but materialises every score: a correctness path for tests, not a
+fast one (``auto`` picks SDPA on CPU).
 """
 
 from __future__ import annotations
@@ -96,27 +100,32 @@ def key_padding_score_mod(real: torch.Tensor):
     return score_mod
 
 
-def _no_score_mod(score, b, h, q_idx, kv_idx):
-    return score
-
-
 @functools.cache
 def compiled_flex_attention():
-    """``torch.compile(flex_attention)``, once per process (a fused kernel per mod variant)."""
+    """``torch.compile(flex_attention)``, once per process (recompiled as shapes turn dynamic)."""
     return torch.compile(flex_attention)
+
+
+# Each recompilation is one entry of dynamo's cache for the compiled function: a few per shape
+# that turns dynamic. 32 leaves room; failing beats the silent dense fallback past the limit.
+RECOMPILE_LIMIT = 32
 
 
 def _flex(q, k, v, score_mod, block_mask: BlockMask, scale: float, compiled: bool):
     if compiled:
-        return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                         scale=scale, enable_gqa=True)  # fmt: skip
+        from torch import _dynamo  # loaded on first use: its import takes about two seconds
+
+        with _dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                  fail_on_recompile_limit_hit=True):  # fmt: skip
+            return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                             scale=scale, enable_gqa=True)  # fmt: skip
     from torch._higher_order_ops.flex_attention import flex_attention as flex_op
 
     # The op traces its score_mod's backward when called. Under activation checkpointing that
     # trace's saved tensors would go through the checkpoint's hooks, which recompute the whole
     # layer inside the trace; so the op keeps its saved tensors (q, k, v, out, lse) plainly.
     with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-        out, _, _ = flex_op(q, k, v, score_mod or _no_score_mod, block_mask.as_tuple(), scale, {})
+        out, _, _ = flex_op(q, k, v, score_mod, block_mask.as_tuple(), scale, {})
     return out
 
 
@@ -128,24 +137,22 @@ def ttt_flex_attention(
     q: torch.Tensor,
     keys: list[torch.Tensor],
     values: list[torch.Tensor],
-    key_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor,
     scale: float,
     *,
     compiled: bool | None = None,
 ) -> torch.Tensor:
     """TTT attention of ``q`` ``[B, h, T, d]`` over one ``[B, n_kv, T, d]`` key and value per
-    step so far (GQA: ``h`` a multiple of ``n_kv``). ``key_mask`` ``[B, T]`` (1 = real token) or
-    None when the batch has no padding. ``compiled``: the compiled kernel (default: on CUDA;
-    on CPU PyTorch compiles only a forward, for inference)."""
+    step so far (GQA: ``h`` a multiple of ``n_kv``); ``attention_mask`` ``[B, T]``, 1 = real
+    token. ``compiled``: the compiled kernel (default: on CUDA; on CPU PyTorch compiles only a
+    forward, for inference)."""
     T = q.shape[2]
     pad = padded_length(T) - T
     if pad:
         q = F.pad(q, (0, 0, 0, pad))
         keys = [F.pad(k, (0, 0, 0, pad)) for k in keys]
         values = [F.pad(v, (0, 0, 0, pad)) for v in values]
-    score_mod = None
-    if key_mask is not None:
-        score_mod = key_padding_score_mod(F.pad(key_mask.bool(), (0, pad)))
+    score_mod = key_padding_score_mod(F.pad(attention_mask.bool(), (0, pad)))
     block_mask = ttt_block_mask(T + pad, len(keys), q.device)
     if compiled is None:
         compiled = q.device.type == "cuda"

@@ -28,11 +28,11 @@ import pytest
 from specforge_common.bus import BusConfig, BusError, open_bus
 from specforge_common.contracts import CheckpointEvent, EndOfSplit, EnqueueSummary, EvalResult
 from specforge_common.subjects import enqueue_key
+from tests.test_end_to_end import write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "specforge:dev"
 OPERATOR_PASSWORD = "operator-compose-test"
-WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
 
 
 def _compose_command() -> list[str] | None:
@@ -105,16 +105,7 @@ max_samples = 8
 serving_prompts = 4
 max_new_tokens = 16
 """)
-    ids = []
-    with (directory / "prompts.jsonl").open("w") as out:
-        for i in range(prompts):
-            words = [WORDS[(i + j) % len(WORDS)] for j in range(6)]
-            record = {"id": f"conv-{i}", "conversations": [
-                {"role": "user", "content": "repeat: " + " ".join(words)},
-                {"role": "assistant", "content": " ".join(words) + " " + " ".join(words)},
-            ]}  # fmt: skip
-            out.write(json.dumps(record) + "\n")
-            ids.append(f"conv-{i}")
+    ids = write_dataset(directory / "prompts.jsonl", prompts)
     directory.chmod(0o755)  # the image's unprivileged user reads the mount
     return ids
 
